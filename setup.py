@@ -1,0 +1,25 @@
+from setuptools import setup
+
+setup(
+    name="subtrack-pretrain",
+    version="0.1.0",
+    description="Distributed Llama pre-training on C4 with the SubTrack++ low-rank optimizer",
+    packages=["models", "data", "optim", "pretrain", "pretrain.bench"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "bitsandbytes>=0.46",
+        "sentencepiece>=0.2",
+        "datasets>=3.0",
+        "tensorboard>=2.15",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        # galore-torch and fira are the published references our presets are tested against.
+        "test": ["pytest>=8", "transformers>=4.45", "galore-torch==1.0", "fira==1.0.2"],
+    },
+    entry_points={"console_scripts": ["pretrain=pretrain.__main__:main"]},
+)
