@@ -1,0 +1,56 @@
+"""`python -m pretrain --config configs/X.yaml [--set section.key=value ...] [--resume auto|PATH]`.
+
+Also the `pretrain` console script. Works under torchrun, the DeepSpeed launcher (which adds
+`--local_rank=N`) and SLURM srun; exits 0 when stopped by SIGTERM / SIGUSR1 after saving.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pretrain", description="Pre-train a Llama model (see README.md).")
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.max_steps=100 optim.lr=3e-4")
+    parser.add_argument("--resume", default=None,
+                        help="'auto' (latest complete checkpoint of the run, if any) or a checkpoint directory; "
+                             "same as --set checkpoint.resume=...")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed
+    parser.add_argument("--summary-json", default=None, help="write the run summary to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    overrides = [item for group in args.overrides for item in group]
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+
+    from pretrain.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"pretrain: config error: {e}", file=sys.stderr)
+        return 2
+
+    from pretrain.train import train
+
+    summary = train(cfg)
+    if args.summary_json:
+        with open(args.summary_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    if summary["stopped_by"] not in (None, "steps_per_run"):
+        print(f"pretrain: stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint "
+              f"{summary['checkpoint']} (resume with --resume auto)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

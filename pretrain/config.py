@@ -1,0 +1,366 @@
+"""Run configuration: one YAML file plus `--set section.key=value` overrides.
+
+A run config has six sections:
+
+    model:       size (a name in models.SIZES) plus overrides of any models.LlamaConfig field
+    data:        data.loader.DataConfig
+    optim:       optim.factory.OptimConfig
+    train:       TrainConfig (batch, steps, schedule, precision, evaluation)
+    log:         LogConfig (run directory, TensorBoard, progress bar)
+    checkpoint:  CheckpointConfig (how often, how many kept, resume)
+
+`load_config` builds the dataclasses generically from their fields and type hints, so a field
+another package adds to DataConfig or OptimConfig is accepted with no change here. Unknown
+keys, wrong types and impossible values are errors raised before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the key, the bad value and the fix."""
+
+
+@dataclass
+class ModelSection:
+    """`size` names a registry entry; `overrides` replace any of its LlamaConfig fields.
+
+    In YAML both sit flat in the `model:` section (`size: 60m`, `max_seq_len: 256`).
+    Without an override, `vocab_size` becomes the tokenizer's vocabulary rounded up to a
+    multiple of 64 and `max_seq_len` becomes `data.seq_len`.
+    """
+
+    size: str = "nano"
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    total_batch_size: int = 8  # sequences per optimizer step over all ranks and accumulation steps
+    max_steps: int = 100  # optimizer steps; the schedule ends here
+    steps_per_run: int | None = None  # stop (with a checkpoint) after this many steps in one process
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    eval_every: int = 50  # also evaluated at step 0 and at the end
+    eval_batches: int = 4  # fixed validation batches of micro_batch_size sequences per rank
+    device: str = "auto"  # auto | cpu | cuda
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step: total / (micro * world)."""
+        return self.total_batch_size // (self.micro_batch_size * world_size)
+
+
+@dataclass
+class LogConfig:
+    run_dir: str | None = None  # default runs/<config name>
+    log_every: int = 10  # steps between log lines / progress updates
+    tensorboard: bool = True
+    progress_bar: Literal["auto", "on", "off"] = "auto"  # auto: a tqdm bar when stderr is a terminal
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0: only at the end (and on SIGTERM/SIGUSR1)
+    keep_last: int = 3
+    resume: str | None = None  # null | auto (latest complete checkpoint of run_dir, if any) | a checkpoint path
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: Any = None  # data.loader.DataConfig (imported lazily: data/ is built separately)
+    optim: Any = None  # optim.factory.OptimConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.log.run_dir or os.path.join("runs", self.name))
+
+
+def section_classes() -> dict[str, type]:
+    """The dataclass of each section (data and optim come from their packages)."""
+    from data.loader import DataConfig
+    from optim.factory import OptimConfig
+
+    return {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "log": LogConfig,
+            "checkpoint": CheckpointConfig}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> RunConfig:
+    """Read `path` (YAML), apply `overrides` ("section.key=value", value parsed as YAML), validate.
+
+    world_size: used to check that the global batch divides evenly (default: from the launcher's
+    environment, 1 when not launched distributed).
+    """
+    raw: dict = {}
+    name = "run"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file (see configs/)")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        name = path.stem
+    raw.setdefault("name", name)
+    for item in overrides or []:
+        apply_override(raw, item)
+    if world_size is None:
+        from pretrain.distributed import env_world_size
+
+        world_size = env_world_size()
+    cfg = build_config(raw)
+    validate(cfg, world_size)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `raw[a][b] = yaml.safe_load(v)` for `item` = "a.b=v" (in place)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=100)")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value {text!r} is not valid YAML ({e.__class__.__name__})") from None
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_config(raw: dict) -> RunConfig:
+    """Turn the parsed YAML mapping into a RunConfig, checking keys and types (not cross-field values)."""
+    classes = section_classes()
+    known = ["name", "model", *classes]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {', '.join(known)}")
+    name = raw.get("name", "run")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"name: expected a non-empty string, got {name!r}")
+    sections = {}
+    for section, cls in classes.items():
+        value = raw.get(section) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"section {section!r} must be a mapping of keys, got {value!r}")
+        sections[section] = build_dataclass(cls, value, section)
+    return RunConfig(name=name, model=build_model_section(raw.get("model") or {}), **sections)
+
+
+def build_model_section(raw: dict) -> ModelSection:
+    from models.llama import LlamaConfig
+    from models.sizes import SIZES
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section 'model' must be a mapping of keys, got {raw!r}")
+    raw = dict(raw)
+    size = raw.pop("size", ModelSection.size)
+    if size not in SIZES:
+        raise ConfigError(f"model.size {size!r} is unknown; choose one of {', '.join(SIZES)}")
+    hints = typing.get_type_hints(LlamaConfig)
+    valid = [f.name for f in dataclasses.fields(LlamaConfig)]
+    overrides = {}
+    for key, value in raw.items():
+        if key not in valid:
+            raise ConfigError(f"unknown key {key!r} in section 'model'; valid keys: size, {', '.join(valid)}")
+        overrides[key] = coerce(value, hints[key], f"model.{key}")
+    return ModelSection(size=size, overrides=overrides)
+
+
+def build_dataclass(cls: type, raw: dict, where: str):
+    """cls(**raw) with every key checked against cls's fields and every value against its type hint."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in section {where!r}; valid keys: {', '.join(fields)}")
+    kwargs = {key: coerce(value, hints[key], f"{where}.{key}") for key, value in raw.items()}
+    missing = [name for name, f in fields.items() if name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"section {where!r} is missing required key(s) {missing}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # the dataclass's own __post_init__ checks
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _describe(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def coerce(value, hint, where: str):
+    """`value` checked against type `hint` (int, float, str, bool, Optional, Union, Literal, list, tuple, dict).
+
+    ints are accepted for floats, and strings like "1e-3" too (YAML 1.1 reads 1e-3 as a string).
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: null is not allowed; expected {_describe(hint)}")
+        options = [a for a in args if a is not type(None)]
+        # A numeric string is a number when the field takes numbers ("1e4" for `float | str`).
+        if float in options and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        for option in options:
+            try:
+                return coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e4 written as 10000.0
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple) or hint in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                if len(value) != len(args):
+                    raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
+                return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            item = args[0] if args else Any
+            items = [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if (origin or hint) is tuple else items
+    elif origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, dict):
+            return build_dataclass(hint, value, where)
+    else:
+        return value  # an annotation we do not check (the dataclass may check it itself)
+    raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+
+# ----------------------------------------------------------------------------- cross-field checks
+
+def validate(cfg: RunConfig, world_size: int = 1) -> None:
+    """Raise ConfigError for values that cannot run (each message names the value and the fix)."""
+    t, lg, ck = cfg.train, cfg.log, cfg.checkpoint
+    positive = {"train.micro_batch_size": t.micro_batch_size, "train.total_batch_size": t.total_batch_size,
+                "train.max_steps": t.max_steps, "log.log_every": lg.log_every, "checkpoint.keep_last": ck.keep_last}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} = {value} must be >= 1")
+    per_step = t.micro_batch_size * world_size
+    if t.total_batch_size % per_step:
+        raise ConfigError(
+            f"train.total_batch_size = {t.total_batch_size} is not divisible by micro_batch_size x world_size = "
+            f"{t.micro_batch_size} x {world_size} = {per_step}; choose a total that is a multiple of {per_step}")
+    if not 0 <= t.warmup_steps <= t.max_steps:
+        raise ConfigError(f"train.warmup_steps = {t.warmup_steps} must be in [0, max_steps = {t.max_steps}]")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio = {t.min_lr_ratio} must be in [0, 1]")
+    if not (t.grad_clip >= 0 and math.isfinite(t.grad_clip)):
+        raise ConfigError(f"train.grad_clip = {t.grad_clip} must be >= 0 (0 disables clipping)")
+    if t.steps_per_run is not None and t.steps_per_run < 1:
+        raise ConfigError(f"train.steps_per_run = {t.steps_per_run} must be >= 1 or null")
+    if t.eval_every < 0 or t.eval_batches < 0:
+        raise ConfigError(f"train.eval_every = {t.eval_every} and train.eval_batches = {t.eval_batches} must be >= 0 "
+                          "(eval_every 0: only at step 0 and at the end)")
+    if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
+        raise ConfigError(f"train.device = {t.device!r} must be auto, cpu or cuda[:N]")
+    if ck.every < 0:
+        raise ConfigError(f"checkpoint.every = {ck.every} must be >= 0 (0: only at the end)")
+    if ck.resume not in (None, "auto") and not Path(ck.resume).is_dir():
+        raise ConfigError(f"checkpoint.resume = {ck.resume!r} is neither 'auto' nor an existing checkpoint directory")
+    seq_len = getattr(cfg.data, "seq_len", None)
+    max_seq_len = cfg.model.overrides.get("max_seq_len")
+    if seq_len is not None and max_seq_len is not None and max_seq_len < seq_len:
+        raise ConfigError(f"model.max_seq_len = {max_seq_len} is shorter than data.seq_len = {seq_len}; "
+                          "raise model.max_seq_len or drop it (it defaults to data.seq_len)")
+    try:  # the model's own checks (heads divide hidden size, ...), with a stand-in vocabulary
+        resolve_model_config(cfg, tokenizer_vocab_size=64)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+# ----------------------------------------------------------------------------- model and serialisation
+
+def round_up(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def resolve_model_config(cfg: RunConfig, tokenizer_vocab_size: int):
+    """The LlamaConfig of `cfg.model`: the size's shape, vocab and context filled in, overrides applied."""
+    from models.sizes import get_config
+
+    fields = {"vocab_size": round_up(tokenizer_vocab_size, 64)}
+    seq_len = getattr(cfg.data, "seq_len", None)
+    if seq_len is not None:
+        fields["max_seq_len"] = seq_len
+    fields.update(cfg.model.overrides)
+    return get_config(cfg.model.size, **fields)
+
+
+def _plain(value):
+    """Tuples to lists (yaml.safe_dump writes lists only), recursively."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """The resolved config as the plain mapping a YAML file would hold (load_config reads it back)."""
+    out = {"name": cfg.name, "model": {"size": cfg.model.size, **cfg.model.overrides}}
+    for section in section_classes():
+        out[section] = _plain(dataclasses.asdict(getattr(cfg, section)))
+    return out
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

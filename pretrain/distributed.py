@@ -1,0 +1,109 @@
+"""Distributed set-up: who am I (rank, world size, local rank), process group, gradient averaging.
+
+Reads the launcher's environment: torchrun (RANK, WORLD_SIZE, LOCAL_RANK), the DeepSpeed
+launcher (the same variables plus a `--local_rank=N` argument, which the CLI copies into
+LOCAL_RANK) or SLURM srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR must be set
+by the batch script). NCCL on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return default
+
+
+def env_world_size() -> int:
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun / DeepSpeed / SLURM variables; (0, 1, 0) otherwise."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = env_world_size()
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if not 0 <= rank < world:
+        raise RuntimeError(f"rank {rank} is outside world size {world}; check the launcher's RANK/WORLD_SIZE")
+    return rank, world, local
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device = {preference!r} but CUDA is not available; use train.device=cpu")
+        index = int(preference.split(":")[1]) if ":" in preference else local_rank
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device(preference)
+
+
+def setup(device_preference: str = "auto") -> DistInfo:
+    """Pick the device and, when launched with more than one process, join the process group."""
+    rank, world, local = env_ranks()
+    device = pick_device(device_preference, local)
+    if world > 1 and not dist.is_initialized():
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError("MASTER_ADDR is not set; launch with torchrun/deepspeed, or export "
+                               "MASTER_ADDR=<first node's hostname> in the SLURM script")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank, world, local, device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def average_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """Replicated data parallelism: every rank ends with the mean gradient.
+
+    SUM then divide (gloo's AVG has an open correctness bug, pytorch issue 162338). This is
+    the one spot a sharded optimizer replaces with reduce-scatter.
+    """
+    if world_size == 1:
+        return
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad.div_(world_size)
+
+
+def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Sum a small tensor (losses, counts, flags) over ranks, in place; a no-op on one process."""
+    if world_size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather_objects(obj, world_size: int) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (e.g. per-rank data loader states for a checkpoint)."""
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out

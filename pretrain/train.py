@@ -1,0 +1,255 @@
+"""The training loop, read top to bottom.
+
+    set up       distributed, seed, tokenizer, model, optimizer, learning-rate schedule, data
+    resume       model, optimizer, schedule, data position, RNG state and step from a checkpoint
+    loop         gradient accumulation -> average over ranks -> clip -> optimizer step -> metrics
+    evaluation   loss and perplexity on fixed validation batches: step 0, every eval_every, the end
+    checkpoints  every checkpoint.every steps, on SIGTERM / SIGUSR1 (then exit 0), at the end
+
+`train(cfg)` runs it in-process and returns a summary; `python -m pretrain` is the CLI.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pretrain import distributed
+from pretrain.checkpoint import (load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state,
+                                 step_dir_name)
+from pretrain.config import RunConfig, config_to_yaml, resolve_model_config
+from pretrain.metrics import MetricsLogger, Progress, peak_memory_bytes
+from pretrain.schedule import build_scheduler
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends one of them before preempting a job
+
+
+class StopRequest:
+    """Remembers a SIGTERM / SIGUSR1; the loop checks it at each step boundary, saves and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+def autocast_context(dtype: str, device: torch.device):
+    """bf16 autocast on CUDA for dtype auto/bfloat16; float32 (no autocast) on CPU unless bfloat16 is asked for."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits (B, T, V) against labels (B, T) (-100: no loss), in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], device, autocast, world_size: int) -> float:
+    """Mean token loss over the fixed validation batches of every rank."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
+    for batch in batches:
+        labels = batch["labels"].to(device)
+        with autocast:
+            logits = model(batch["input_ids"].to(device))
+        totals[0] += lm_loss(logits, labels, reduction="sum").double()
+        totals[1] += (labels != -100).sum()
+    model.train()
+    distributed.all_reduce_sum(totals, world_size)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def train(cfg: RunConfig) -> dict:
+    """Train as `cfg` says; returns a summary (losses, steps, where the run and its last checkpoint are)."""
+    dist = distributed.setup(cfg.train.device)
+    try:
+        with StopRequest() as stop:
+            return _train(cfg, dist, stop)
+    finally:
+        distributed.cleanup()
+
+
+def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dict:
+    from data.loader import build_tokenizer, build_train_loader, build_val_batches
+    from models.sizes import build_model, count_parameters
+    from optim.factory import build_optimizer
+
+    tc, device, world = cfg.train, dist.device, dist.world_size
+    run_dir, checkpoint_root = cfg.run_dir, cfg.run_dir / "checkpoints"
+    say = print if dist.is_main else (lambda *a, **k: None)
+
+    # ---------------------------------------------------------------- set up
+    seed_everything(tc.seed)  # the same seed on every rank: identical initial weights
+    tokenizer = build_tokenizer(cfg.data)
+    model_cfg = resolve_model_config(cfg, tokenizer.vocab_size)
+    tokenizer.check_fits(model_cfg.vocab_size)  # refuse before any step, not with an index error later
+    model = build_model(model_cfg).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+    accum = tc.grad_accum_steps(world)
+    loader = build_train_loader(cfg.data, tokenizer, tc.micro_batch_size, rank=dist.rank, world_size=world)
+    val_batches = build_val_batches(cfg.data, tokenizer, tc.micro_batch_size, tc.eval_batches,
+                                    rank=dist.rank, world_size=world)
+    autocast = autocast_context(tc.dtype, device)
+    seq_len = model_cfg.max_seq_len if getattr(cfg.data, "seq_len", None) is None else cfg.data.seq_len
+    tokens_per_step = tc.total_batch_size * seq_len
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    say(f"model {cfg.model.size}: {count_parameters(model_cfg) / 1e6:.2f}M parameters, vocab {model_cfg.vocab_size}, "
+        f"context {model_cfg.max_seq_len} | optimizer {cfg.optim.name} lr {cfg.optim.lr:g} | "
+        f"{world} rank(s) x {tc.micro_batch_size} sequences x {accum} accumulation = {tc.total_batch_size} "
+        f"sequences ({tokens_per_step} tokens) per step | device {device} | run dir {run_dir}", flush=True)
+
+    def save(step: int) -> str:
+        data_states = distributed.all_gather_objects(loader.state_dict(), world)  # every rank's data position
+        path = ""
+        if dist.is_main:
+            trainer_state = {"step": step, "world_size": world, "scheduler": scheduler.state_dict(),
+                             "data": data_states, "rng": rng_state()}
+            path = str(save_checkpoint(checkpoint_root, step, model_state=model.state_dict(),
+                                       model_config=dataclasses.asdict(model_cfg),
+                                       optimizer_state=optimizer.state_dict(), trainer_state=trainer_state,
+                                       config_yaml=config_to_yaml(cfg), keep_last=cfg.checkpoint.keep_last))
+        if world > 1:
+            torch.distributed.barrier()
+        return path
+
+    # ---------------------------------------------------------------- resume
+    step = 0
+    resume_from = resolve_resume(cfg.checkpoint.resume, checkpoint_root)
+    if resume_from is None and cfg.checkpoint.resume == "auto":
+        say(f"resume: no complete checkpoint in {checkpoint_root}; starting fresh", flush=True)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, map_location=device)
+        trainer = state["trainer"]
+        if trainer["world_size"] != world:
+            raise RuntimeError(f"checkpoint {resume_from} was written by {trainer['world_size']} rank(s); this run has "
+                               f"{world}: resume with the same number of processes")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(trainer["scheduler"])
+        loader.load_state_dict(trainer["data"][dist.rank])
+        set_rng_state(trainer["rng"])
+        step = trainer["step"]
+        say(f"resume: from {resume_from} at step {step}", flush=True)
+    start_step = step
+    stop_at = tc.max_steps if tc.steps_per_run is None else min(tc.max_steps, start_step + tc.steps_per_run)
+
+    # ---------------------------------------------------------------- loop
+    metrics = MetricsLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.log.tensorboard)
+    progress = Progress(total=tc.max_steps, initial=step, log_every=cfg.log.log_every, enabled=dist.is_main,
+                        mode=cfg.log.progress_bar)
+    train_losses, evals, last_saved, stopped_by = [], [], None, None
+    started = time.perf_counter()
+
+    def run_evaluation(step: int) -> None:
+        if not val_batches:
+            return
+        loss = evaluate(model, val_batches, device, autocast, world)
+        evals.append((step, loss))
+        metrics.log(step, {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0))})
+        progress.write(f"step {step:>7d} | eval loss {loss:.4f} | perplexity {math.exp(min(loss, 80.0)):.2f}")
+
+    if step == 0:
+        run_evaluation(0)
+    batches = iter(loader)
+    while step < stop_at:
+        if world > 1:  # every rank must see a signal that reached any of them
+            flag = distributed.all_reduce_sum(torch.tensor([float(stop.signum is not None)], device=device), world)
+            if flag.item() > 0 and stop.signum is None:
+                stop.signum = signal.SIGTERM
+        if stop.signum is not None:
+            stopped_by = signal.Signals(stop.signum).name
+            break
+
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(accum):
+            batch = next(batches)
+            labels = batch["labels"].to(device, non_blocking=True)
+            with autocast:
+                logits = model(batch["input_ids"].to(device, non_blocking=True))
+            loss = lm_loss(logits, labels) / accum  # mean over the global batch once summed
+            loss.backward()
+            loss_sum += loss.detach()
+        distributed.average_gradients(model, world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        train_loss = distributed.all_reduce_sum(loss_sum, world).item() / world
+        step_time = time.perf_counter() - t0
+        train_losses.append(train_loss)
+        scalars = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                   "tokens_per_s": tokens_per_step / step_time, "step_time": step_time}
+        if device.type == "cuda":
+            scalars["peak_memory"] = peak_memory_bytes(device)
+        if hasattr(optimizer, "pop_subspace_stats"):
+            scalars.update({k if "/" in k else f"subspace/{k}": v for k, v in optimizer.pop_subspace_stats().items()})
+        metrics.log(step, scalars)
+        progress.update(step, f"loss {train_loss:.4f} | lr {lr:.2e} | grad norm {scalars['grad_norm']:.3f} | "
+                              f"{scalars['tokens_per_s']:.0f} tok/s")
+
+        if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
+            run_evaluation(step)
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            last_saved = save(step)
+            progress.write(f"step {step:>7d} | checkpoint {last_saved}")
+
+    # ---------------------------------------------------------------- final checkpoint
+    if stopped_by is None and step < tc.max_steps:
+        stopped_by = "steps_per_run"
+    if last_saved is None or Path(last_saved).name != step_dir_name(step):
+        if step > start_step or resume_from is None:
+            last_saved = save(step)
+            progress.write(f"step {step:>7d} | checkpoint {last_saved}" + (f" (stopped: {stopped_by})" if stopped_by else ""))
+        else:  # nothing trained since the checkpoint we resumed from
+            last_saved = str(resume_from)
+    progress.close()
+    metrics.close()
+    return {
+        "run_dir": str(run_dir), "start_step": start_step, "step": step, "max_steps": tc.max_steps,
+        "stopped_by": stopped_by, "checkpoint": last_saved, "train_losses": train_losses, "evals": evals,
+        "first_eval_loss": evals[0][1] if evals else None, "final_eval_loss": evals[-1][1] if evals else None,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "wall_time_s": time.perf_counter() - started,
+    }
