@@ -1,0 +1,159 @@
+"""Document sources: local C4 shards read line by line, or a hub dataset streamed with ``datasets``.
+
+Both hand one consumer (a rank's DataLoader worker) its disjoint part of a split, one document text
+at a time, and keep a resumable position in a plain dict the caller owns:
+
+    for text in source.documents(consumer, num_consumers, position): ...
+
+``position`` is updated in place *before* each text is yielded, so at any moment it says where
+the next document comes from. It holds ints, strings and lists only (saved with ``torch.save``,
+loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import logging
+import os
+from typing import Iterator
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+GLOB_CHARS = "*?["
+
+
+def is_local(source: str) -> bool:
+    """A path or glob (anything that exists, has glob characters, or starts like a path)."""
+    return (os.path.exists(os.path.expanduser(source)) or any(c in source for c in GLOB_CHARS)
+            or source.startswith(("/", ".", "~")) or source.endswith((".json", ".json.gz")))
+
+
+def local_files(source: str, split: str) -> list[str]:
+    """The shards of ``split`` under a directory, glob or file; an error names what was missing.
+
+    A directory holds ``c4-{split}.*.json.gz`` (or ``.json``); a glob's matches are split by file
+    name (``-validation.`` files are validation, the others train); a single file is train data.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        files = sorted(f for ext in ("json.gz", "json")
+                       for f in glob.glob(os.path.join(path, f"c4-{split}.*.{ext}")))
+        where = f"directory {source!r} has no c4-{split}.*.json.gz shards"
+    elif any(c in path for c in GLOB_CHARS):
+        matched = sorted(glob.glob(path))
+        if not matched:
+            raise FileNotFoundError(f"data source glob {source!r} matches no file")
+        is_val = ["-validation." in os.path.basename(f) for f in matched]
+        files = [f for f, v in zip(matched, is_val) if v == (split == "validation")]
+        where = f"no {split} shards among the {len(matched)} files matching {source!r}" + (
+            " (validation shards are named c4-validation.*)" if split == "validation" else "")
+    elif os.path.isfile(path):
+        files = [path] if split == "train" else []
+        where = (f"data source {source!r} is a single file, used as train data; point "
+                 "data.source at a directory or glob with c4-validation.* shards for validation")
+    else:
+        raise FileNotFoundError(f"data source {source!r} does not exist (expected a directory or "
+                                "glob of C4 shards, a hub dataset name like 'allenai/c4', or 'sample')")
+    if not files:
+        raise FileNotFoundError(where)
+    return files
+
+
+class LocalShards:
+    """C4 JSON-lines shards (``.json`` or ``.json.gz``), read in file order.
+
+    Line ``j`` of file ``i`` belongs to consumer ``(i + j) % num_consumers``: every line goes to
+    exactly one consumer, and the offset by ``i`` spreads small files over all consumers. A consumer
+    parses only its own lines. Malformed lines are skipped and counted (``strict`` raises with file
+    and line number instead); empty documents are skipped and counted.
+    """
+
+    def __init__(self, files: list[str], strict: bool = False):
+        self.files = files
+        self.strict = strict
+
+    def describe(self) -> str:
+        return f"{len(self.files)} local shard(s) starting {self.files[0]!r}"
+
+    @staticmethod
+    def start() -> dict:
+        return {"file": 0, "line": 0, "malformed": 0, "empty": 0}
+
+    def documents(self, consumer: int, num_consumers: int, pos: dict) -> Iterator[str]:
+        while pos["file"] < len(self.files):
+            path = self.files[pos["file"]]
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                for lineno, line in enumerate(f):
+                    if lineno < pos["line"]:
+                        continue  # resuming: these lines were consumed before
+                    pos["line"] = lineno + 1
+                    if (pos["file"] + lineno) % num_consumers != consumer:
+                        continue
+                    text = self._text(line, path, lineno + 1, pos)
+                    if text is not None:
+                        yield text
+            pos["file"] += 1
+            pos["line"] = 0
+
+    def _text(self, line: str, path: str, lineno: int, pos: dict) -> str | None:
+        try:
+            text = json.loads(line)["text"]
+            if not isinstance(text, str):
+                raise TypeError(f"'text' is {type(text).__name__}, not a string")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if self.strict:
+                raise ValueError(f"{path}:{lineno}: malformed C4 line ({e!r}); fix the file or set "
+                                 "data.strict=false to skip such lines") from None
+            pos["malformed"] += 1
+            logger.warning("skipping malformed line %s:%d (%r)", path, lineno, e)
+            return None
+        if not text.strip():
+            pos["empty"] += 1
+            return None
+        return text
+
+
+class HubStream:
+    """A hub dataset streamed with ``datasets`` (``load_dataset(name, config, split, streaming=True)``).
+
+    Only ``text`` is kept (C4's ``timestamp`` column breaks torch formatting). Consumers are split
+    with ``split_dataset_by_node`` (whole shards when they divide evenly, else every N-th example);
+    the position is ``datasets``' own state dict, exact here because nothing is shuffled.
+    ``data_files`` passes through to ``load_dataset`` (local json.gz shards for offline tests).
+    """
+
+    def __init__(self, name: str, config: str | None, split: str, data_files=None):
+        self.name, self.config, self.split, self.data_files = name, config, split, data_files
+
+    def describe(self) -> str:
+        return f"hub dataset {self.name!r} ({self.config}, {self.split})"
+
+    @staticmethod
+    def start() -> dict:
+        return {"hub": None, "empty": 0, "malformed": 0}
+
+    def dataset(self):
+        import datasets  # imported here: nothing touches the hub until a stream starts
+        kwargs = {"data_files": self.data_files} if self.data_files is not None else {}
+        return datasets.load_dataset(self.name, self.config, split=self.split, streaming=True,
+                                     **kwargs).select_columns(["text"])
+
+    def documents(self, consumer: int, num_consumers: int, pos: dict) -> Iterator[str]:
+        from datasets.distributed import split_dataset_by_node
+        ds = split_dataset_by_node(self.dataset(), rank=consumer, world_size=num_consumers)
+        if pos["hub"] is not None:
+            ds.load_state_dict(pos["hub"])
+        for example in ds:
+            pos["hub"] = ds.state_dict()
+            text = example["text"]
+            if not text or not text.strip():
+                pos["empty"] += 1
+                continue
+            yield text
+        pos["hub"] = None  # the split is done; the caller starts the next epoch

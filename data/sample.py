@@ -1,0 +1,181 @@
+"""The bundled sample corpus: Python's own documentation, in C4's shard format, plus a tokenizer.
+
+The text ships with every Python: the language reference topics (``pydoc_data.topics``) and the
+docstrings of the standard library, read from source with ``ast`` (no module is imported). On
+first use it is written once into ``$SUBTRACK_CACHE/sample`` (default
+``~/.cache/subtrack-pretrain/sample``):
+
+    c4-train.00000-of-00001.json.gz        ~95% of the documents
+    c4-validation.00000-of-00001.json.gz   every 20th document
+    tokenizer.model                        SentencePiece BPE, VOCAB_SIZE pieces, trained on train
+    manifest.json                          sizes (documents, bytes, tokens) and the Python version
+
+The build is deterministic (same bytes each time for one Python version) and atomic: it is
+written into a temporary directory and renamed, so racing processes or an interrupted build never
+leave a half-written cache.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+
+from data.tokenizer import Tokenizer, train_tokenizer
+
+VOCAB_SIZE = 4096
+VALIDATION_EVERY = 20  # every 20th document is held out: 5%
+TRAIN_FILE = "c4-train.00000-of-00001.json.gz"
+VALIDATION_FILE = "c4-validation.00000-of-00001.json.gz"
+TOKENIZER_FILE = "tokenizer.model"
+# C4 lines carry a crawl timestamp; ours is fixed so the shards are byte-identical across builds.
+TIMESTAMP = "2019-04-25T12:00:00Z"
+# Stdlib packages that are tests, demos, GUIs or vendored code rather than documentation.
+SKIP = {"idlelib", "test", "tests", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data",
+        "this", "antigravity", "site-packages", "__pycache__"}
+
+
+def cache_dir() -> str:
+    """Where the sample lives: ``$SUBTRACK_CACHE/sample`` or ``~/.cache/subtrack-pretrain/sample``."""
+    root = os.environ.get("SUBTRACK_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "subtrack-pretrain")
+    return os.path.join(root, "sample")
+
+
+def _module_files() -> list[tuple[str, str]]:
+    """(module name, source path) for the public stdlib modules, sorted by name."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    out = []
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in SKIP:
+            continue
+        single = os.path.join(stdlib, name + ".py")
+        package = os.path.join(stdlib, name)
+        if os.path.isfile(single):
+            out.append((name, single))
+        elif os.path.isfile(os.path.join(package, "__init__.py")):
+            for root, dirs, files in os.walk(package):
+                dirs[:] = sorted(d for d in dirs if d not in SKIP)
+                for f in sorted(files):
+                    if f.endswith(".py"):
+                        rel = os.path.relpath(os.path.join(root, f[:-3]), stdlib)
+                        mod = rel.replace(os.sep, ".").removesuffix(".__init__")
+                        out.append((mod, os.path.join(root, f)))
+    return sorted(out)
+
+
+def _module_texts(name: str, path: str) -> list[tuple[str, str]]:
+    """(name, text) documents of one module: its docstring with the public functions', then one
+    per public class (class docstring, then its methods'). Kept apart so documents stay C4-sized."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+
+    def functions(body: list[ast.stmt], prefix: str) -> list[str]:
+        return [f"{prefix}{node.name}()\n{ast.get_docstring(node)}" for node in body
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and not node.name.startswith("_") and ast.get_docstring(node)]
+
+    docs = []
+    head = [ast.get_docstring(tree) or ""] + functions(tree.body, name + ".")
+    docs.append((name, "\n\n".join(p for p in head if p)))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            qual = f"{name}.{node.name}"
+            parts = [ast.get_docstring(node) or ""] + functions(node.body, qual + ".")
+            docs.append((qual, "\n\n".join(p for p in parts if p)))
+    return [(n, f"{n}\n\n{t}") for n, t in docs if t]
+
+
+def documents() -> list[dict]:
+    """Every document of the corpus in a fixed order: ``{"text", "timestamp", "url"}``."""
+    from pydoc_data.topics import topics
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    docs = []
+    for key in sorted(topics):
+        text = topics[key].strip()
+        if text:
+            docs.append({"text": text, "timestamp": TIMESTAMP,
+                         "url": f"https://docs.python.org/{version}/reference/#{key}"})
+    for name, path in _module_files():
+        try:
+            texts = _module_texts(name, path)
+        except (SyntaxError, UnicodeDecodeError):
+            continue  # a stdlib file this Python cannot parse holds no docs we need
+        for qual, text in texts:
+            docs.append({"text": text, "timestamp": TIMESTAMP,
+                         "url": f"https://docs.python.org/{version}/library/{name}.html#{qual}"})
+    return docs
+
+
+def _write_shard(path: str, docs: list[dict]) -> None:
+    # mtime=0 and no file name in the gzip header: the same documents give the same bytes.
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        for doc in docs:
+            gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def build(out_dir: str, vocab_size: int = VOCAB_SIZE) -> None:
+    """Write shards, tokenizer and manifest into ``out_dir`` (created; must not exist yet)."""
+    docs = documents()
+    val = [d for i, d in enumerate(docs) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1]
+    train = [d for i, d in enumerate(docs) if i % VALIDATION_EVERY != VALIDATION_EVERY - 1]
+    os.makedirs(out_dir)
+    _write_shard(os.path.join(out_dir, TRAIN_FILE), train)
+    _write_shard(os.path.join(out_dir, VALIDATION_FILE), val)
+    model_path = os.path.join(out_dir, TOKENIZER_FILE)
+    with open(model_path, "wb") as f:
+        f.write(train_tokenizer((d["text"] for d in train), vocab_size))
+    sp = Tokenizer(model_path).sp
+    manifest = {
+        "python": sys.version.split()[0],
+        "vocab_size": vocab_size,
+        **{f"{split}_{k}": v for split, part in (("train", train), ("validation", val))
+           for k, v in (("documents", len(part)),
+                        ("bytes", sum(len(d["text"].encode("utf-8")) for d in part)),
+                        ("tokens", sum(len(ids) for ids in sp.encode([d["text"] for d in part]))))},
+    }
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+
+
+def ensure_sample(directory: str | None = None) -> str:
+    """The sample directory, built first if it is missing. Safe when processes race."""
+    final = directory or cache_dir()
+    if os.path.isfile(os.path.join(final, TOKENIZER_FILE)):
+        return final
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".sample-build-", dir=parent)
+    try:
+        build(os.path.join(tmp, "sample"))
+        try:
+            os.rename(os.path.join(tmp, "sample"), final)
+        except OSError:
+            # Another process finished first; its copy has the same bytes, keep it.
+            if not os.path.isfile(os.path.join(final, TOKENIZER_FILE)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def sample_files(split: str) -> list[str]:
+    """The sample's shard for ``split`` ("train" or "validation"), building the sample if needed."""
+    name = {"train": TRAIN_FILE, "validation": VALIDATION_FILE}[split]
+    return [os.path.join(ensure_sample(), name)]
+
+
+def sample_tokenizer_path() -> str:
+    return os.path.join(ensure_sample(), TOKENIZER_FILE)
+
+
+if __name__ == "__main__":
+    path = ensure_sample()
+    with open(os.path.join(path, "manifest.json")) as f:
+        print(path, f.read())
