@@ -1,0 +1,211 @@
+"""Grassmannian subspace math for low-rank optimizers: pure functions on tensors.
+
+Notation follows DESIGN.md. A projected weight's gradient is G: (m, n). Its subspace is held
+as an orthonormal basis on one side:
+
+    left  (m < n):  S: (m, r), S^T S = I,   R = S^T G: (r, n),  back(N) = S N
+    right (m >= n): P: (r, n), P P^T = I,   R = G P^T: (m, r),  back(N) = N P
+
+Every right-side function is the left-side one on transposes (S = P^T, G -> G^T), so the
+math is written once, for the left case, and the right case is checked by tests.
+"""
+from __future__ import annotations
+
+import torch
+
+LEFT, RIGHT = "left", "right"
+
+# Fira's constants (fira.fira_adamw): eps of the recovery ratio and of the limiter ratio.
+RECOVERY_EPS = 1e-8
+
+
+def projection_side(shape: tuple[int, int], proj_type: str = "std") -> str:
+    """Which side galore-torch projects a (m, n) weight on: `std` is left when m < n, right otherwise."""
+    m, n = shape
+    if proj_type == "std":
+        return LEFT if m < n else RIGHT
+    if proj_type == "reverse_std":
+        return RIGHT if m < n else LEFT
+    if proj_type in (LEFT, RIGHT):
+        return proj_type
+    raise ValueError(f"proj_type {proj_type!r} is not supported; use 'std', 'reverse_std', 'left' or 'right'")
+
+
+def column_major(basis: torch.Tensor) -> torch.Tensor:
+    """The same matrix stored column-major, the layout torch.linalg.svd returns U and Vh in.
+
+    Bases are always kept in this layout: matmuls then round exactly as galore-torch's do, and a
+    saved and reloaded basis (torch.save keeps strides) continues bit-identically.
+    """
+    return basis.t().contiguous().t()
+
+
+def _as_left(basis: torch.Tensor, side: str) -> torch.Tensor:
+    """The (m, r) column basis of either side (a view, no copy)."""
+    return basis if side == LEFT else basis.t()
+
+
+def initial_basis(G: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+    """Top-`rank` singular subspace of G: (m, n), as S: (m, r) (left) or P: (r, n) (right), float32.
+
+    Uses the same call as galore-torch (torch.linalg.svd, thin) so the presets match it bit for bit.
+    """
+    U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    return column_major(U[:, :rank] if side == LEFT else Vh[:rank, :])
+
+
+def project(G: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+    """R = S^T G: (r, n) (left) or G P^T: (m, r) (right)."""
+    return torch.matmul(basis.t(), G) if side == LEFT else torch.matmul(G, basis.t())
+
+
+def project_back(N: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+    """S N: (m, n) (left, N: (r, n)) or N P: (m, n) (right, N: (m, r)); no scale applied."""
+    return torch.matmul(basis, N) if side == LEFT else torch.matmul(N, basis)
+
+
+def estimation_error(basis: torch.Tensor, G: torch.Tensor, side: str) -> torch.Tensor:
+    """||G - S S^T G||_F (left) or ||G - G P^T P||_F (right): what a subspace step should lower."""
+    return (G - project_back(project(G, basis, side), basis, side)).norm()
+
+
+def tangent(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Euclidean gradient of ||G - S S^T G||^2 at S, projected on the Grassmann tangent space.
+
+    S: (m, r) orthonormal, G: (m, n) -> T: (m, r) with S^T T = 0 (to rounding).
+        A = S^T G, Rs = G - S A, T = -2 Rs A^T, T <- T - S (S^T T).
+    """
+    A = S.t() @ G
+    Rs = G - S @ A
+    T = -2.0 * (Rs @ A.t())
+    return T - S @ (S.t() @ T)
+
+
+def top_singular_triplet(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Largest singular triplet of a tall T: (m, r) without an SVD of anything m-sized.
+
+    Takes the top eigenvector v of the r x r Gram matrix T^T T (cost O(m r^2 + r^3)), then
+    u = T v / ||T v|| and sigma = ||T v||, so u sigma v^T is exactly T's component along v.
+    Returns u: (m,), sigma: 0-d, v: (r,).
+    """
+    _, vecs = torch.linalg.eigh(T.t() @ T)
+    v = vecs[:, -1]
+    Tv = T @ v
+    sigma = Tv.norm()
+    # A zero tangent (G already inside span S) gives u = 0 and no move.
+    u = Tv / sigma.clamp_min(torch.finfo(T.dtype).tiny)
+    return u, sigma, v
+
+
+def geodesic_step(S: torch.Tensor, u: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
+    """Move S: (m, r) by angle theta along the rank-1 geodesic in direction -u v^T (descent).
+
+        S' = S v cos(theta) v^T - u sin(theta) v^T + S (I - v v^T)
+           = S + (S v (cos(theta) - 1) - u sin(theta)) v^T            (same thing, O(m r))
+
+    u: (m,) unit and orthogonal to span S, v: (r,) unit. S' stays orthonormal.
+    """
+    theta = torch.as_tensor(theta, dtype=S.dtype, device=S.device)
+    w = S @ v
+    return S + torch.outer(w * (torch.cos(theta) - 1.0) - u * torch.sin(theta), v)
+
+
+def best_angle(S: torch.Tensor, G: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Angle theta* on the geodesic of `geodesic_step` that minimises ||G - S' S'^T G||.
+
+    Along the geodesic S'^T G keeps all rows of S^T G except the one along v, which becomes
+    cos(theta) a - sin(theta) b with a = G^T S v, b = G^T u. Its energy
+        (|a|^2 + |b|^2)/2 + cos(2 theta) (|a|^2 - |b|^2)/2 - sin(2 theta) a.b
+    is a sinusoid in 2 theta with maximum at theta* = 1/2 atan2(-a.b, (|a|^2 - |b|^2)/2).
+    Cost O(m n). Returns a 0-d tensor in (-pi/2, pi/2].
+    """
+    a = G.t() @ (S @ v)
+    b = G.t() @ u
+    return 0.5 * torch.atan2(-(a @ b), 0.5 * (a @ a - b @ b))
+
+
+def grassmann_update(basis: torch.Tensor, G: torch.Tensor, side: str, step_size: float | str,
+                     damping: float = 1.0, max_angle: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SubTrack subspace update: a rank-1 geodesic step of the basis toward G's dominant subspace.
+
+    basis: S (m, r) or P (r, n) float32; G: (m, n). step_size: eta (theta = eta * sigma, sigma the
+    top singular value of the tangent) or "auto" (theta = damping * best_angle). max_angle clamps
+    |theta|. Returns (new basis of the same shape, theta as a 0-d tensor). No SVD of G.
+    """
+    S, Gl = _as_left(basis, side), (G if side == LEFT else G.t())
+    u, sigma, v = top_singular_triplet(tangent(S, Gl))
+    # Re-orthogonalise u against S: keeps S' orthonormal over thousands of steps.
+    u = u - S @ (S.t() @ u)
+    u = u / u.norm().clamp_min(torch.finfo(u.dtype).tiny)
+    if step_size == "auto":
+        theta = damping * best_angle(S, Gl, u, v)
+    else:
+        theta = float(step_size) * sigma
+    if max_angle is not None:
+        theta = theta.clamp(-max_angle, max_angle)
+    S_new = geodesic_step(S, u, v, theta)
+    return column_major(S_new if side == LEFT else S_new.t()), theta
+
+
+def basis_change(old: torch.Tensor, new: torch.Tensor, side: str) -> torch.Tensor:
+    """Q: (r, r) taking low-rank coordinates in `old` to `new`: Q = S'^T S (left), P P'^T (right)."""
+    return new.t() @ old if side == LEFT else old @ new.t()
+
+
+def rotate_moments(M: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, side: str, compat_beta2: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projection-aware Adam moments after the basis changes by Q (see `basis_change`).
+
+    Left (M, V: (r, n)):  M' = Q M,  V' = max(0, (Q*Q)(V - M*M) + (Q M)*(Q M))
+    Right (M, V: (m, r)): M' = M Q,  V' = max(0, (V - M*M)(Q*Q) + (M Q)*(M Q))
+    (* element-wise). compat_beta2 reproduces the published SubTrack++ code instead:
+    abs() in place of the clip and V' multiplied by (1 - beta2).
+    """
+    Q2 = Q * Q
+    if side == LEFT:
+        M_new = Q @ M
+        V_new = Q2 @ (V - M * M) + M_new * M_new
+    else:
+        M_new = M @ Q
+        V_new = (V - M * M) @ Q2 + M_new * M_new
+    if compat_beta2 is None:
+        return M_new, V_new.clamp_min_(0.0)
+    return M_new, V_new.abs_().mul_(1.0 - compat_beta2)
+
+
+def largest_principal_angle(old: torch.Tensor, new: torch.Tensor, side: str) -> torch.Tensor:
+    """Largest principal angle (radians, 0-d) between the spans of two bases of the same side."""
+    Q = basis_change(old, new, side)
+    cos2 = torch.linalg.eigvalsh(Q.t() @ Q)[0].clamp(0.0, 1.0)
+    return torch.acos(cos2.sqrt())
+
+
+def recovery_term(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, basis: torch.Tensor, side: str,
+                  back_scale: float = 1.0) -> torch.Tensor:
+    """Fira / SubTrack++ recovery scaling of the gradient outside the subspace (before the limiter).
+
+    G: (m, n), R: low-rank gradient, N: Adam's normalised low-rank update (shape of R).
+    phi = ||N_col|| / (||R_col|| + 1e-8) per column of G (left) or per row (right), and the
+    term is (G - back_scale * back(R)) * phi. back_scale = 1 gives the exact residual
+    G - S S^T G; the published Fira / SubTrack++ code uses back_scale = scale.
+    """
+    dim = 0 if side == LEFT else 1
+    phi = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + RECOVERY_EPS)
+    back = project_back(R, basis, side)
+    if back_scale != 1.0:
+        back = back * back_scale
+    return (G - back) * phi
+
+
+def limit_norm_growth(term: torch.Tensor, prev_norm: torch.Tensor, gamma: float = 1.01
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm-growth limiter: if ||term|| > gamma * prev_norm, scale term down to gamma * prev_norm.
+
+    prev_norm: 0-d, negative on the first step (no limit). Returns (limited term, its norm to
+    store for the next step). Same arithmetic as the fira package (ratio eps 1e-8), without a
+    host synchronisation.
+    """
+    norm = term.norm()
+    factor = (norm / (prev_norm + RECOVERY_EPS)).clamp_min(gamma) / gamma
+    factor = torch.where(prev_norm < 0, torch.ones_like(factor), factor)
+    return term / factor, norm / factor

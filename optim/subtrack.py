@@ -1,0 +1,260 @@
+"""SubTrackAdamW: AdamW with low-rank projected weights (SubTrack++, GaLore, Fira, SubTrack).
+
+A param group with a `rank` key is projected (galore-torch's keys `rank`, `update_proj_gap`,
+`scale`, `proj_type`, plus the three choices of DESIGN.md):
+
+    subspace  "grassmann" (SVD once, then a rank-1 geodesic step every update_proj_gap steps)
+              | "svd" (SVD of the gradient every update_proj_gap steps)
+    moments   "rotate" (projection-aware) | "keep" | "reset"       when the basis moves
+    residual  "recover" (recovery scaling + norm-growth limiter) | "drop"
+
+and `step_size` (eta or "auto"), `auto_damping`, `max_angle`, `accumulate`, `limiter` (1.01),
+`recovery_scaled_back` (True: residual G - scale*back(R) as the published code; False: exact),
+`rotate_compat` (True: the published SubTrack++ V rotation). Other groups are plain AdamW.
+
+The Adam arithmetic (bias correction folded into the step size, eps added to sqrt(V), weight
+decay after the update) follows galore-torch / fira so the presets reproduce them. The math of
+the subspace lives in optim/grassmann.py; this file only schedules it and keeps the state.
+
+State per projected weight (tensors only, created when the group is added):
+    step, moment_step (int64, CPU)  steps taken; steps since the moments were (re)started
+    basis (float32)                 S: (m, r) or P: (r, n); zeros until the first step
+    exp_avg, exp_avg_sq (float32)   Adam moments of the low-rank gradient
+    limiter_norm (float32, 0-d)     last limited norm of the recovery term (-1: none yet)
+    subspace_updates (int64, CPU)   bases computed so far, the first SVD included
+                                    (= 1 + t // update_proj_gap after 0-indexed step t)
+    angle (float32, 0-d)            angle of the last subspace update (radians)
+    grad_sum, grad_count            only with accumulate: gradients since the last update
+"""
+from __future__ import annotations
+
+import math
+from itertools import chain
+
+import torch
+
+from optim import grassmann as gm
+
+PROJECTED_DEFAULTS = {
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    "subspace": "grassmann",
+    "moments": "rotate",
+    "residual": "recover",
+    "step_size": 10000.0,
+    "auto_damping": 1.0,
+    "max_angle": None,
+    "accumulate": False,
+    "limiter": 1.01,
+    "recovery_scaled_back": True,
+    "rotate_compat": False,
+}
+CHOICES = {"subspace": ("grassmann", "svd"), "moments": ("rotate", "keep", "reset"), "residual": ("recover", "drop")}
+
+
+class SubTrackAdamW(torch.optim.Optimizer):
+    """AdamW over plain groups and low-rank projected groups (see the module docstring).
+
+    Works on any subset of a model's parameters (a sharded wrapper gives each rank its own).
+    `pop_subspace_stats()` returns and clears the subspace movement since the last call.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0):
+        if not lr >= 0:
+            raise ValueError(f"lr {lr} must be >= 0")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas {betas} must lie in [0, 1)")
+        if not eps >= 0:
+            raise ValueError(f"eps {eps} must be >= 0")
+        self._angles: list[torch.Tensor] = []
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    # ----------------------------------------------------------------- groups and state
+    def add_param_group(self, param_group: dict) -> None:
+        if "rank" in param_group:
+            for key, value in PROJECTED_DEFAULTS.items():
+                param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "rank" in group:
+            self._check_projected_group(group)
+        for p in group["params"]:
+            self._init_state(p, group)
+
+    def _check_projected_group(self, group: dict) -> None:
+        for key, allowed in CHOICES.items():
+            if group[key] not in allowed:
+                raise ValueError(f"{key} {group[key]!r} is unknown; choose one of {list(allowed)}")
+        step_size = group["step_size"]
+        if not (step_size == "auto" or (not isinstance(step_size, str) and float(step_size) > 0)):
+            raise ValueError(f"step_size {step_size!r} must be a positive number or 'auto'")
+        if int(group["update_proj_gap"]) < 1:
+            raise ValueError(f"update_proj_gap {group['update_proj_gap']} must be >= 1")
+        names = group.get("names") or [f"parameter {i} of the group" for i in range(len(group["params"]))]
+        for name, p in zip(names, group["params"]):
+            if p.ndim != 2:
+                raise ValueError(f"{name} has shape {tuple(p.shape)}; only 2-D weights can be projected "
+                                 "(put it in a group without 'rank')")
+            if not 1 <= group["rank"] <= min(p.shape):
+                raise ValueError(f"rank {group['rank']} exceeds min(m, n) = {min(p.shape)} for {name} of shape "
+                                 f"{tuple(p.shape)}; lower the rank")
+            gm.projection_side(tuple(p.shape), group["proj_type"])  # validates proj_type
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> None:
+        """Create every state tensor up front so state_dict() is complete before the first step."""
+        state = self.state[p]
+        if state:
+            return
+        count = lambda: torch.zeros((), dtype=torch.int64)  # noqa: E731 - host-side counters
+        state["step"] = count()
+        if "rank" not in group:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return
+        m, n, r = p.shape[0], p.shape[1], group["rank"]
+        side = gm.projection_side((m, n), group["proj_type"])
+        low = (r, n) if side == gm.LEFT else (m, r)
+        f32 = {"dtype": torch.float32, "device": p.device}
+        state["moment_step"] = count()
+        state["basis"] = gm.column_major(torch.zeros((m, r) if side == gm.LEFT else (r, n), **f32))
+        state["exp_avg"] = torch.zeros(low, **f32)
+        state["exp_avg_sq"] = torch.zeros(low, **f32)
+        state["limiter_norm"] = torch.full((), -1.0, **f32)
+        state["subspace_updates"] = count()
+        state["angle"] = torch.zeros((), **f32)
+        if group["accumulate"]:
+            state["grad_sum"] = torch.zeros((m, n), **f32)
+            state["grad_count"] = count()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but keeps each state tensor's saved dtype (bases stay float32, counters int64)."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value):
+                    device = "cpu" if not value.is_floating_point() else p.device
+                    self.state[p][key] = value.to(device=device, copy=True)
+
+    # ----------------------------------------------------------------- moments (8-bit swap point)
+    def _load_moments(self, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank Adam moments as float32 tensors the caller may update in place."""
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def _store_moments(self, state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        """Write the moments back (a quantized variant packs them here)."""
+        state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
+
+    # ----------------------------------------------------------------- subspace
+    def move_basis(self, state: dict, group: dict, new_basis: torch.Tensor, side: str) -> None:
+        """Replace the basis and carry the moments across by the group's `moments` rule."""
+        old = state["basis"]
+        if group["moments"] == "rotate":
+            exp_avg, exp_avg_sq = self._load_moments(state)
+            compat = group["betas"][1] if group["rotate_compat"] else None
+            Q = gm.basis_change(old, new_basis, side)
+            self._store_moments(state, *gm.rotate_moments(exp_avg, exp_avg_sq, Q, side, compat))
+        elif group["moments"] == "reset":
+            self._store_moments(state, torch.zeros_like(state["exp_avg"]), torch.zeros_like(state["exp_avg_sq"]))
+            state["moment_step"].zero_()
+        state["basis"] = new_basis
+
+    def _update_subspace(self, state: dict, group: dict, G: torch.Tensor, side: str, t: int) -> None:
+        """Compute the first basis (t = 0) or move it (every update_proj_gap steps)."""
+        if group["accumulate"]:
+            state["grad_sum"].add_(G)
+            state["grad_count"].add_(1)
+        first = int(state["subspace_updates"]) == 0
+        if not first and t % group["update_proj_gap"] != 0:
+            return
+        if first:
+            state["basis"] = gm.initial_basis(G, group["rank"], side)
+        else:
+            G_sub = state["grad_sum"] / int(state["grad_count"]) if group["accumulate"] else G
+            if group["subspace"] == "svd":
+                new_basis = gm.initial_basis(G_sub, group["rank"], side)
+                angle = gm.largest_principal_angle(state["basis"], new_basis, side)
+            else:
+                new_basis, angle = gm.grassmann_update(state["basis"], G_sub, side, group["step_size"],
+                                                       group["auto_damping"], group["max_angle"])
+            self.move_basis(state, group, new_basis, side)
+            state["angle"] = angle.detach().to(torch.float32).reshape(())
+            self._angles.append(state["angle"].abs())
+        if group["accumulate"]:
+            state["grad_sum"].zero_()
+            state["grad_count"].zero_()
+        state["subspace_updates"].add_(1)
+
+    def pop_subspace_stats(self) -> dict[str, float]:
+        """Subspace updates since the last call: count, mean and max |angle| (radians); clears them."""
+        angles, self._angles = self._angles, []
+        if not angles:
+            return {"count": 0.0, "angle_mean": 0.0, "angle_max": 0.0}
+        stacked = torch.stack([a.cpu() for a in angles])
+        return {"count": float(len(angles)), "angle_mean": float(stacked.mean()), "angle_max": float(stacked.max())}
+
+    # ----------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SubTrackAdamW does not support sparse gradients")
+                if "rank" in group:
+                    update, step_size = self._projected_update(p, group)
+                else:
+                    update, step_size = self._plain_update(p, group)
+                p.add_(update, alpha=-step_size)
+                # Decoupled weight decay after the update, as galore-torch and fira do.
+                if group["weight_decay"] > 0.0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        return loss
+
+    @staticmethod
+    def _adam_step_size(group: dict, step: int) -> float:
+        beta1, beta2 = group["betas"]
+        return group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+
+    def _plain_update(self, p: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
+        state = self.state[p]
+        beta1, beta2 = group["betas"]
+        state["step"].add_(1)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+        update = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+        return update, self._adam_step_size(group, int(state["step"]))
+
+    def _projected_update(self, p: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
+        state = self.state[p]
+        beta1, beta2 = group["betas"]
+        side = gm.projection_side(tuple(p.shape), group["proj_type"])
+        G = p.grad.float()
+        self._update_subspace(state, group, G, side, int(state["step"]))
+        basis = state["basis"]
+        R = gm.project(G, basis, side)
+
+        exp_avg, exp_avg_sq = self._load_moments(state)
+        exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
+        N = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+        self._store_moments(state, exp_avg, exp_avg_sq)
+        state["step"].add_(1)
+        state["moment_step"].add_(1)
+
+        update = gm.project_back(N, basis, side) * group["scale"]
+        if group["residual"] == "recover":
+            back_scale = group["scale"] if group["recovery_scaled_back"] else 1.0
+            term = gm.recovery_term(G, R, N, basis, side, back_scale)
+            term, state["limiter_norm"] = gm.limit_norm_growth(term, state["limiter_norm"], group["limiter"])
+            update = update + term
+        return update.to(p.dtype), self._adam_step_size(group, int(state["moment_step"]))
