@@ -226,9 +226,11 @@ class Llama(nn.Module):
         self._build_rope_cache(self.cfg.max_seq_len)
 
     def _build_rope_cache(self, seq_len: int):
-        # Computed in float32 and then cast, as Hugging Face casts its float32 cos/sin.
-        cos, sin = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta,
-                                  device=self.embed_tokens.weight.device)
+        # Computed in float32 and then cast, as Hugging Face casts its float32 cos/sin. Outside
+        # inference mode, so a cache grown during evaluation can still be used in training.
+        with torch.inference_mode(False), torch.no_grad():
+            cos, sin = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta,
+                                      device=self.embed_tokens.weight.device)
         dtype = self.rope_cos.dtype if self.rope_cos.is_floating_point() else torch.float32
         self.rope_cos, self.rope_sin = cos.to(dtype), sin.to(dtype)
 

@@ -52,6 +52,17 @@ def count_parameters(cfg: LlamaConfig) -> int:
     return embeddings + cfg.num_layers * (attention + mlp + norms) + d  # + final norm
 
 
+def flops_per_token(cfg: LlamaConfig, seq_len: int) -> int:
+    """Training FLOPs (forward + backward) per token at sequence length ``seq_len``, for MFU.
+
+    PaLM's count (appendix B): 6 per weight of every matrix multiply (the embedding lookup is
+    not one, lm_head is) plus 12 * layers * hidden * seq_len for attention scores and the
+    weighted sum over the full T x T square (causal masking is not subtracted, as in PaLM).
+    """
+    matmul_weights = count_parameters(cfg) - cfg.vocab_size * cfg.hidden_size - (2 * cfg.num_layers + 1) * cfg.hidden_size
+    return 6 * matmul_weights + 12 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
 def get_config(size_or_config: str | LlamaConfig, **overrides) -> LlamaConfig:
     """A fresh LlamaConfig: a name from SIZES or a given config, with fields replaced by overrides."""
     if isinstance(size_or_config, LlamaConfig):

@@ -37,8 +37,7 @@ def random_nano(**overrides):
 
 
 def load_transformers(out_dir):
-    return transformers.LlamaForCausalLM.from_pretrained(
-        out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    return transformers.LlamaForCausalLM.from_pretrained(out_dir, attn_implementation="eager").float().eval()
 
 
 @pytest.mark.parametrize("num_kv_heads", [None, 2], ids=["mha", "gqa"])

@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import PAPER_RANK, SIZES, Llama, LlamaConfig, build_model, count_parameters
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import PAPER_RANK, SIZES, Llama, LlamaConfig, build_model, count_parameters, flops_per_token
 from models.llama import Attention, apply_rotary, rotary_cos_sin
 
 NANO_VOCAB = 512  # a small vocabulary keeps the nano models' embeddings cheap
@@ -43,6 +46,16 @@ def test_sizes_match_the_paper_table():
         assert (cfg.vocab_size, cfg.max_seq_len, cfg.num_kv_heads) == (32000, 256, heads)
         assert PAPER_RANK[name] == (rank, interval)
         assert rank <= min(hidden, ffn)  # every projected matrix can hold the rank
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_flops_per_token_equals_counted_training_flops(num_kv_heads):
+    model = nano(num_kv_heads=num_kv_heads)
+    ids = torch.randint(0, NANO_VOCAB, (2, 32))
+    # The math backend runs attention as plain matmuls, which the counter sees.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(ids).sum().backward()
+    assert counter.get_total_flops() == flops_per_token(model.cfg, seq_len=32) * ids.numel()
 
 
 def test_build_model_overrides_copy_and_unknown_size_lists_known_names():
@@ -132,6 +145,9 @@ def test_sequence_longer_than_max_seq_len_grows_the_rotary_cache():
     ids = torch.randint(0, NANO_VOCAB, (1, 20))
     torch.testing.assert_close(short(ids), long(ids), rtol=0, atol=0)
     assert short.rope_cos.shape == (20, 16)
+    with torch.inference_mode():  # a cache grown while evaluating still trains afterwards
+        short(torch.randint(0, NANO_VOCAB, (1, 24)))
+    short(ids).sum().backward()
 
 
 def test_activation_checkpointing_gives_same_loss_and_gradients():
