@@ -228,7 +228,10 @@ def import_hf(hf_dir: str, checkpoint_dir: str, overwrite: bool = False) -> Llam
 # ----------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.hf", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m models.hf",
+        description="Convert between our checkpoint directories and Hugging Face Llama directories.",
+        epilog="example: python -m models.hf export runs/x/checkpoints/step_00001000 hf/llama_60m")
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="our checkpoint directory -> Hugging Face directory")
     export.add_argument("checkpoint_dir", help="directory with model.pt and model_config.json")

@@ -236,6 +236,9 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: (B, T) int64 -> logits: (B, T, V)."""
+        if input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be integer token ids of shape (batch, seq_len), got "
+                             f"{input_ids.dtype} of shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
         if T > self.rope_cos.shape[0]:
             # Longer than max_seq_len: rotary embeddings extrapolate, so grow the cache.

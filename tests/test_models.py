@@ -75,6 +75,8 @@ def test_forward_shapes_and_dtype():
     ids = torch.randint(0, NANO_VOCAB, (3, 7))
     assert model(ids).shape == (3, 7, NANO_VOCAB) and model(ids).dtype == torch.float32
     assert model.to(torch.bfloat16)(ids).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"shape \(batch, seq_len\), got torch.int64 of shape \(7,\)"):
+        model(ids[0])
 
 
 def test_changing_a_later_token_does_not_change_earlier_logits():
