@@ -1,0 +1,176 @@
+"""The training loop end to end on the nano model and the bundled sample corpus (CPU, float32)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pretrain import __main__ as cli
+from pretrain.checkpoint import latest_checkpoint, load_checkpoint
+from pretrain.config import load_config
+from pretrain.train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+NANO = """
+model:
+  size: nano
+data:
+  seq_len: 32
+  num_workers: 0
+optim:
+  lr: 3.0e-3
+train:
+  micro_batch_size: 2
+  total_batch_size: 4
+  max_steps: 20
+  warmup_steps: 2
+  eval_every: 0
+  eval_batches: 2
+log:
+  log_every: 5
+  tensorboard: false
+checkpoint:
+  every: 0
+"""
+
+
+def nano_config(tmp_path, name="nano.yaml", text=NANO):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def run_cli(*args, timeout=180):
+    """`python -m pretrain ARGS` in a fresh process (one thread: the test machine is shared)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "pretrain", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def assert_identical(a, b, where=""):
+    """Nested dicts/lists of tensors and plain values, equal bit for bit."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    config = nano_config(tmp_path)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = run_cli("--config", config, "--set", f"log.run_dir={straight}")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("--config", config, "--set", f"log.run_dir={resumed}", "train.steps_per_run=10")
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step_00000010"]
+    result = run_cli("--config", config, "--set", f"log.run_dir={resumed}", "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert "resume: from" in result.stdout and "at step 10" in result.stdout
+
+    losses_a, losses_b = train_losses(straight), train_losses(resumed)
+    assert sorted(losses_a) == sorted(losses_b) == list(range(1, 21))
+    assert losses_a == losses_b  # bit-identical per-step losses, JSON round trip included
+    a = load_checkpoint(latest_checkpoint(straight / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(resumed / "checkpoints"))
+    assert a["trainer"]["step"] == b["trainer"]["step"] == 20
+    for part in ("model", "optimizer"):
+        assert_identical(a[part], b[part], part)
+    for part in ("scheduler", "data"):
+        assert_identical(a["trainer"][part], b["trainer"][part], part)
+
+
+def test_short_run_lowers_eval_loss_and_writes_tensorboard_jsonl_checkpoint(tmp_path, one_thread, capsys):
+    run_dir = tmp_path / "run"
+    cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "log.tensorboard=true", "train.max_steps=30",
+                                              "train.eval_every=15", "checkpoint.every=10", "checkpoint.keep_last=2",
+                                              "checkpoint.resume=auto"], world_size=1)
+    summary = train(cfg)
+    assert "no complete checkpoint" in capsys.readouterr().out  # --resume auto on a fresh run says so
+
+    evals = dict(summary["evals"])
+    assert sorted(evals) == [0, 15, 30]  # step 0, every eval_every, the end
+    assert evals[30] < evals[0] - 0.5, evals
+    assert summary["step"] == 30 and summary["stopped_by"] is None
+
+    records = read_metrics(run_dir)
+    steps = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    for key in ("lr", "grad_norm", "tokens_per_s", "step_time"):
+        assert all(r[key] > 0 for r in steps), key
+    eval_records = [r for r in records if "eval/loss" in r]
+    assert [r["eval/perplexity"] for r in eval_records] == pytest.approx([torch.exp(torch.tensor(r["eval/loss"])).item()
+                                                                          for r in eval_records], rel=1e-5)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "eval/loss", "eval/perplexity", "lr", "grad_norm", "tokens_per_s", "step_time"} <= tags
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 15, 30]
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(steps[-1]["train/loss"])
+
+    assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step_00000020", "step_00000030"]
+    final = load_checkpoint(run_dir / "checkpoints" / "step_00000030")  # weights_only=True inside
+    assert final["model_config"]["vocab_size"] == 4096 and final["model_config"]["max_seq_len"] == 32
+    assert (run_dir / "config.yaml").read_text() == final["config_yaml"]
+
+
+def test_tokenizer_larger_than_model_vocab_is_refused_before_any_step(tmp_path, one_thread):
+    run_dir = tmp_path / "run"
+    cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "model.vocab_size=1000"], world_size=1)
+    with pytest.raises(ValueError, match="vocab_size"):
+        train(cfg)
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_cli_config_error_exits_2_before_any_work(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = cli.main(["--config", str(nano_config(tmp_path)), "--set", f"log.run_dir={run_dir}", "train.max_step=5"])
+    assert code == 2
+    assert "max_step" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, one_thread):
+    """micro 2 x 2 accumulation steps and micro 4 x 1 see the same 4 sequences: same update."""
+    runs = {}
+    for micro in (2, 4):
+        cfg = load_config(nano_config(tmp_path), [f"log.run_dir={tmp_path / str(micro)}", "train.max_steps=3",
+                                                  f"train.micro_batch_size={micro}", "train.eval_batches=0"],
+                          world_size=1)
+        runs[micro] = train(cfg)
+    assert runs[2]["train_losses"] == pytest.approx(runs[4]["train_losses"], rel=1e-5)
+    a = load_checkpoint(runs[2]["checkpoint"])["model"]
+    b = load_checkpoint(runs[4]["checkpoint"])["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
