@@ -1,0 +1,110 @@
+"""SIGTERM / SIGUSR1 (SLURM preemption): checkpoint at the next step boundary, exit 0, resume continues."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pretrain import train as train_module
+from pretrain.checkpoint import latest_checkpoint, load_checkpoint
+from pretrain.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+NANO = """
+model:
+  size: nano
+data:
+  seq_len: 32
+train:
+  micro_batch_size: 2
+  total_batch_size: 2
+  max_steps: 100000
+  warmup_steps: 2
+  eval_every: 0
+  eval_batches: 1
+log:
+  log_every: 1
+  tensorboard: false
+"""
+
+
+def metric_steps(run_dir) -> list[int]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r["step"] for r in map(json.loads, f.read().splitlines()) if "train/loss" in r]
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    config = tmp_path / "nano.yaml"
+    config.write_text(NANO)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "pretrain", "--config", str(config), "--set", f"log.run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(metric_steps(run_dir)) < 2:  # it is stepping
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in out
+
+    last = metric_steps(run_dir)[-1]
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    assert checkpoint is not None and checkpoint.name == f"step_{last:08d}"  # saved at the step it stopped
+    assert load_checkpoint(checkpoint)["trainer"]["step"] == last
+
+    resumed = subprocess.run([*cmd, "train.steps_per_run=2", "--resume", "auto"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {last}" in resumed.stdout
+    assert metric_steps(run_dir)[-2:] == [last + 1, last + 2]
+    assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{last + 2:08d}"
+
+
+def test_sigusr1_in_process_stops_at_next_step_boundary(tmp_path, monkeypatch):
+    """The handler only sets a flag: the step that was running finishes, then a checkpoint is saved."""
+    config = tmp_path / "nano.yaml"
+    config.write_text(NANO)
+    cfg = load_config(config, [f"log.run_dir={tmp_path / 'run'}"], world_size=1)
+
+    class SignalDuringStep3(train_module.MetricsLogger):
+        def log(self, step, scalars):
+            super().log(step, scalars)
+            if step == 3 and "train/loss" in scalars:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(train_module, "MetricsLogger", SignalDuringStep3)
+    previous = signal.getsignal(signal.SIGUSR1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train_module.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["stopped_by"] == "SIGUSR1" and summary["step"] == 3
+    assert summary["checkpoint"].endswith("step_00000003")
+    assert signal.getsignal(signal.SIGUSR1) == previous  # the handler is removed after training
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_request_records_signal_and_restores_handlers(signum):
+    before = signal.getsignal(signum)
+    with train_module.StopRequest() as stop:
+        assert stop.signum is None
+        os.kill(os.getpid(), signum)
+        assert stop.signum == signum
+    assert signal.getsignal(signum) == before
