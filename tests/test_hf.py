@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from models import build_model
+from models import build_model, get_config
 from models.hf import export_checkpoint, from_hf_config, import_hf, to_hf_config
 from models.hf import main as hf_main
 
@@ -107,7 +107,7 @@ def test_hf_cli_errors_name_the_missing_path_and_the_fix(tmp_path, capsys):
 
 
 def test_hf_config_round_trip_and_fields():
-    model_cfg = build_model("nano", num_kv_heads=2).cfg
+    model_cfg = get_config("nano", num_kv_heads=2)
     hf = to_hf_config(model_cfg)
     assert hf["architectures"] == ["LlamaForCausalLM"] and hf["model_type"] == "llama"
     assert (hf["num_attention_heads"], hf["num_key_value_heads"], hf["tie_word_embeddings"]) == (4, 2, False)
@@ -125,7 +125,7 @@ def test_hf_config_round_trip_and_fields():
     ({"model_type": "mistral"}, "model_type 'mistral'"),
 ])
 def test_import_refuses_configs_it_cannot_represent(change, message):
-    hf = {**to_hf_config(build_model("nano").cfg), **change}
+    hf = {**to_hf_config(get_config("nano")), **change}
     with pytest.raises(ValueError, match=message):
         from_hf_config(hf)
 
