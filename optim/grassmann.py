@@ -50,7 +50,7 @@ def initial_basis(G: torch.Tensor, rank: int, side: str) -> torch.Tensor:
 
     Uses the same call as galore-torch (torch.linalg.svd, thin) so the presets match it bit for bit.
     """
-    U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    U, _, Vh = torch.linalg.svd(G.to(torch.promote_types(G.dtype, torch.float32)), full_matrices=False)
     return column_major(U[:, :rank] if side == LEFT else Vh[:rank, :])
 
 

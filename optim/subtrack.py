@@ -20,6 +20,7 @@ State per projected weight (tensors only, created when the group is added):
     step, moment_step (int64, CPU)  steps taken; steps since the moments were (re)started
     basis (float32)                 S: (m, r) or P: (r, n); zeros until the first step
     exp_avg, exp_avg_sq (float32)   Adam moments of the low-rank gradient
+                                    (float32 for any weight dtype but float64, which keeps float64)
     limiter_norm (float32, 0-d)     last limited norm of the recovery term (-1: none yet)
     subspace_updates (int64, CPU)   bases computed so far, the first SVD included
                                     (= 1 + t // update_proj_gap after 0-indexed step t)
@@ -116,7 +117,8 @@ class SubTrackAdamW(torch.optim.Optimizer):
         m, n, r = p.shape[0], p.shape[1], group["rank"]
         side = gm.projection_side((m, n), group["proj_type"])
         low = (r, n) if side == gm.LEFT else (m, r)
-        f32 = {"dtype": torch.float32, "device": p.device}
+        # float32 whatever the weight dtype (float64 weights keep float64 state, for references).
+        f32 = {"dtype": torch.promote_types(p.dtype, torch.float32), "device": p.device}
         state["moment_step"] = count()
         state["basis"] = gm.column_major(torch.zeros((m, r) if side == gm.LEFT else (r, n), **f32))
         state["exp_avg"] = torch.zeros(low, **f32)
@@ -181,7 +183,7 @@ class SubTrackAdamW(torch.optim.Optimizer):
                 new_basis, angle = gm.grassmann_update(state["basis"], G_sub, side, group["step_size"],
                                                        group["auto_damping"], group["max_angle"])
             self.move_basis(state, group, new_basis, side)
-            state["angle"] = angle.detach().to(torch.float32).reshape(())
+            state["angle"] = angle.detach().to(state["angle"].dtype).reshape(())
             self._angles.append(state["angle"].abs())
         if group["accumulate"]:
             state["grad_sum"].zero_()
@@ -238,7 +240,7 @@ class SubTrackAdamW(torch.optim.Optimizer):
         state = self.state[p]
         beta1, beta2 = group["betas"]
         side = gm.projection_side(tuple(p.shape), group["proj_type"])
-        G = p.grad.float()
+        G = p.grad.to(state["exp_avg"].dtype)
         self._update_subspace(state, group, G, side, int(state["step"]))
         basis = state["basis"]
         R = gm.project(G, basis, side)
