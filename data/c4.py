@@ -64,6 +64,16 @@ def local_files(source: str, split: str) -> list[str]:
     return files
 
 
+def write_shard(path: str, docs: list[dict]) -> None:
+    """Write ``docs`` (``{"text", "timestamp", "url"}``) as a C4 ``.json.gz`` shard.
+
+    Deterministic: mtime 0 and no file name in the gzip header, so the same docs give the same bytes.
+    """
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        for doc in docs:
+            gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
 class LocalShards:
     """C4 JSON-lines shards (``.json`` or ``.json.gz``), read in file order.
 
@@ -149,9 +159,11 @@ class HubStream:
         ds = split_dataset_by_node(self.dataset(), rank=consumer, world_size=num_consumers)
         if pos["hub"] is not None:
             ds.load_state_dict(pos["hub"])
-        for example in ds:
+        # ds.iter(), not iter(ds): inside a DataLoader worker iter(ds) would split the shards among
+        # workers a second time; our consumers already include the worker.
+        for batch in ds.iter(batch_size=1):
             pos["hub"] = ds.state_dict()
-            text = example["text"]
+            text = batch["text"][0]
             if not text or not text.strip():
                 pos["empty"] += 1
                 continue

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -184,9 +185,7 @@ def build_val_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, nu
     source = build_source(cfg, "validation")
     stream = BatchStream(**args, source=source, num_workers=0, states=[start_state(source)])
     batches, warned = [], False
-    for item in stream:
-        if len(batches) == num_batches:
-            break
+    for item in itertools.islice(stream, num_batches):
         if item["state"]["epoch"] > 0 and not warned:
             warned = True
             logger.warning("data: the validation split gives rank %d fewer than %d batches of %d x %d "

@@ -8,7 +8,7 @@ first use it is written once into ``$SUBTRACK_CACHE/sample`` (default
     c4-train.00000-of-00001.json.gz        ~95% of the documents
     c4-validation.00000-of-00001.json.gz   every 20th document
     tokenizer.model                        SentencePiece BPE, VOCAB_SIZE pieces, trained on train
-    manifest.json                          sizes (documents, bytes, tokens) and the Python version
+    manifest.json                          version, Python version, documents and bytes per split
 
 The build is deterministic (same bytes each time for one Python version) and atomic: it is
 written into a temporary directory and renamed, so racing processes or an interrupted build never
@@ -18,7 +18,6 @@ leave a half-written cache.
 from __future__ import annotations
 
 import ast
-import gzip
 import json
 import os
 import shutil
@@ -26,18 +25,21 @@ import sys
 import sysconfig
 import tempfile
 
-from data.tokenizer import Tokenizer, train_tokenizer
+from data.c4 import write_shard
+from data.tokenizer import train_tokenizer
 
 VOCAB_SIZE = 4096
 VALIDATION_EVERY = 20  # every 20th document is held out: 5%
 TRAIN_FILE = "c4-train.00000-of-00001.json.gz"
 VALIDATION_FILE = "c4-validation.00000-of-00001.json.gz"
 TOKENIZER_FILE = "tokenizer.model"
+MANIFEST_FILE = "manifest.json"
+VERSION = 2  # bump when the corpus or tokenizer recipe changes: caches of other versions rebuild
 # C4 lines carry a crawl timestamp; ours is fixed so the shards are byte-identical across builds.
 TIMESTAMP = "2019-04-25T12:00:00Z"
 # Stdlib packages that are tests, demos, GUIs or vendored code rather than documentation.
-SKIP = {"idlelib", "test", "tests", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data",
-        "this", "antigravity", "site-packages", "__pycache__"}
+SKIP = {"idlelib", "test", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data", "this",
+        "antigravity"}
 
 
 def cache_dir() -> str:
@@ -48,25 +50,17 @@ def cache_dir() -> str:
 
 
 def _module_files() -> list[tuple[str, str]]:
-    """(module name, source path) for the public stdlib modules, sorted by name."""
+    """(name, source path) of each public top-level stdlib module (``x.py`` or ``x/__init__.py``)."""
     stdlib = sysconfig.get_paths()["stdlib"]
     out = []
     for name in sorted(sys.stdlib_module_names):
         if name.startswith("_") or name in SKIP:
             continue
-        single = os.path.join(stdlib, name + ".py")
-        package = os.path.join(stdlib, name)
-        if os.path.isfile(single):
-            out.append((name, single))
-        elif os.path.isfile(os.path.join(package, "__init__.py")):
-            for root, dirs, files in os.walk(package):
-                dirs[:] = sorted(d for d in dirs if d not in SKIP)
-                for f in sorted(files):
-                    if f.endswith(".py"):
-                        rel = os.path.relpath(os.path.join(root, f[:-3]), stdlib)
-                        mod = rel.replace(os.sep, ".").removesuffix(".__init__")
-                        out.append((mod, os.path.join(root, f)))
-    return sorted(out)
+        for path in (os.path.join(stdlib, name + ".py"), os.path.join(stdlib, name, "__init__.py")):
+            if os.path.isfile(path):
+                out.append((name, path))
+                break
+    return out
 
 
 def _module_texts(name: str, path: str) -> list[tuple[str, str]]:
@@ -113,11 +107,8 @@ def documents() -> list[dict]:
     return docs
 
 
-def _write_shard(path: str, docs: list[dict]) -> None:
-    # mtime=0 and no file name in the gzip header: the same documents give the same bytes.
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
-        for doc in docs:
-            gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
+def _python() -> str:
+    return sys.version.split()[0]
 
 
 def build(out_dir: str, vocab_size: int = VOCAB_SIZE) -> None:
@@ -126,40 +117,47 @@ def build(out_dir: str, vocab_size: int = VOCAB_SIZE) -> None:
     val = [d for i, d in enumerate(docs) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1]
     train = [d for i, d in enumerate(docs) if i % VALIDATION_EVERY != VALIDATION_EVERY - 1]
     os.makedirs(out_dir)
-    _write_shard(os.path.join(out_dir, TRAIN_FILE), train)
-    _write_shard(os.path.join(out_dir, VALIDATION_FILE), val)
+    write_shard(os.path.join(out_dir, TRAIN_FILE), train)
+    write_shard(os.path.join(out_dir, VALIDATION_FILE), val)
     model_path = os.path.join(out_dir, TOKENIZER_FILE)
     with open(model_path, "wb") as f:
         f.write(train_tokenizer((d["text"] for d in train), vocab_size))
-    sp = Tokenizer(model_path).sp
-    manifest = {
-        "python": sys.version.split()[0],
-        "vocab_size": vocab_size,
-        **{f"{split}_{k}": v for split, part in (("train", train), ("validation", val))
-           for k, v in (("documents", len(part)),
-                        ("bytes", sum(len(d["text"].encode("utf-8")) for d in part)),
-                        ("tokens", sum(len(ids) for ids in sp.encode([d["text"] for d in part]))))},
-    }
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+    manifest = {"version": VERSION, "python": _python(), "vocab_size": vocab_size}
+    for split, part in (("train", train), ("validation", val)):
+        manifest[f"{split}_documents"] = len(part)
+        manifest[f"{split}_bytes"] = sum(len(d["text"].encode("utf-8")) for d in part)
+    with open(os.path.join(out_dir, MANIFEST_FILE), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
 
 
+def is_current(directory: str) -> bool:
+    """A finished build of this corpus version for this Python (the manifest is written last)."""
+    try:
+        with open(os.path.join(directory, MANIFEST_FILE)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return manifest.get("version") == VERSION and manifest.get("python") == _python()
+
+
 def ensure_sample(directory: str | None = None) -> str:
-    """The sample directory, built first if it is missing. Safe when processes race."""
+    """The sample directory, built first if missing or stale. Safe when processes race."""
     final = directory or cache_dir()
-    if os.path.isfile(os.path.join(final, TOKENIZER_FILE)):
+    if is_current(final):
         return final
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".sample-build-", dir=parent)
     try:
-        build(os.path.join(tmp, "sample"))
+        build(os.path.join(tmp, "new"))
         try:
-            os.rename(os.path.join(tmp, "sample"), final)
+            os.rename(os.path.join(tmp, "new"), final)
         except OSError:
-            # Another process finished first; its copy has the same bytes, keep it.
-            if not os.path.isfile(os.path.join(final, TOKENIZER_FILE)):
-                raise
+            if not is_current(final):
+                # A stale or broken copy is in the way: move it aside, then put ours in place.
+                os.rename(final, os.path.join(tmp, "old"))
+                os.rename(os.path.join(tmp, "new"), final)
+            # else another process finished first; its copy has the same bytes, keep it.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -177,5 +175,5 @@ def sample_tokenizer_path() -> str:
 
 if __name__ == "__main__":
     path = ensure_sample()
-    with open(os.path.join(path, "manifest.json")) as f:
+    with open(os.path.join(path, MANIFEST_FILE)) as f:
         print(path, f.read())
