@@ -1,0 +1,59 @@
+"""Every shipped run recipe in configs/ loads and validates (as litgpt's test_config_hub does)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.sizes import PAPER_RANK, SIZES, build_model
+from optim.factory import param_groups
+from pretrain.config import load_config, resolve_model_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+C4 = [p for p in CONFIGS if p.name.startswith("c4_")]
+
+
+def test_the_recipes_are_all_there():
+    names = {p.stem for p in CONFIGS}
+    assert "tiny_sample" in names
+    for size in PAPER_RANK:
+        assert {f"c4_{size}_adamw", f"c4_{size}_subtrack"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_config_loads_and_validates(path):
+    cfg = load_config(path, world_size=1)
+    assert cfg.name == path.stem and str(cfg.run_dir) == f"runs/{path.stem}"
+    assert cfg.model.size in SIZES
+    assert cfg.train.grad_accum_steps(1) * cfg.train.micro_batch_size == cfg.train.total_batch_size
+
+
+@pytest.mark.parametrize("path", C4, ids=lambda p: p.stem)
+def test_c4_recipe_follows_the_paper_settings(path):
+    cfg = load_config(path, world_size=1)
+    size, method = path.stem.split("_")[1:]
+    assert cfg.model.size == size
+    assert cfg.data.source == "allenai/c4" and cfg.data.seq_len == 256
+    assert cfg.train.total_batch_size * cfg.data.seq_len == 131072  # 512 sequences, 131k tokens
+    assert (cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.grad_clip) == (1000, 10000, 1.0)
+    assert cfg.train.dtype == "auto" and cfg.checkpoint.resume == "auto"
+    if method == "subtrack":
+        assert cfg.optim.name == "subtrack++"
+        assert (cfg.optim.rank, cfg.optim.update_interval) == PAPER_RANK[size]
+        assert (cfg.optim.scale, cfg.optim.step_size) == (0.25, 10000.0)
+        # The projected weights accept the rank (checked on a meta-device model: nothing allocated).
+        with torch.device("meta"):
+            model = build_model(resolve_model_config(cfg, tokenizer_vocab_size=32000))
+        groups = param_groups(model, rank=cfg.optim.rank)
+        assert [len(g["params"]) for g in groups] == [2 * cfg_layers(cfg) + 3, 7 * cfg_layers(cfg)]
+    else:
+        assert cfg.optim.name == "adamw" and cfg.optim.lr == 1e-3
+
+
+def cfg_layers(cfg) -> int:
+    return SIZES[cfg.model.size].num_layers
+
+
+def test_tiny_sample_runs_offline_on_the_bundled_corpus():
+    cfg = load_config(CONFIGS[[p.stem for p in CONFIGS].index("tiny_sample")], world_size=1)
+    assert cfg.data.source == "sample" and cfg.data.tokenizer == "sample"
+    assert cfg.train.dtype == "auto" and cfg.train.device == "auto"
