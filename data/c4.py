@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
 GLOB_CHARS = "*?["
+LOG_FIRST = 5  # malformed lines named individually per consumer
 
 
 def is_local(source: str) -> bool:
@@ -121,7 +122,8 @@ class LocalShards:
                 raise ValueError(f"{path}:{lineno}: malformed C4 line ({e!r}); fix the file or set "
                                  "data.strict=false to skip such lines") from None
             pos["malformed"] += 1
-            logger.warning("skipping malformed line %s:%d (%r)", path, lineno, e)
+            if pos["malformed"] <= LOG_FIRST:  # the loader logs running totals; name a few lines
+                logger.warning("skipping malformed line %s:%d (%r)", path, lineno, e)
             return None
         if not text.strip():
             pos["empty"] += 1

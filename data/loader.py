@@ -95,7 +95,7 @@ class TrainLoader:
         self._args, self._source, self.num_workers = stream_args, source, num_workers
         self._states = [start_state(source) for _ in range(max(num_workers, 1))]
         self._next = 0
-        self._generation = 0  # bumped by load_state_dict so a live iterator stops
+        self._generation = 0  # bumped by __iter__ and load_state_dict so an older iterator stops
         self._logged = {"malformed": 0, "empty": 0}
 
     @property
@@ -108,6 +108,8 @@ class TrainLoader:
                 "empty_documents": sum(p["empty"] for p in s)}
 
     def __iter__(self) -> Iterator[dict]:
+        # One live iterator per loader: a newer one (or load_state_dict) retires the older.
+        self._generation += 1
         generation = self._generation
         dataset = BatchStream(**self._args, source=self._source, num_workers=self.num_workers,
                               states=copy.deepcopy(self._states), first=self._next)
@@ -118,7 +120,7 @@ class TrainLoader:
                                     prefetch_factor=2))
         for item in items:
             if generation != self._generation:
-                return  # load_state_dict replaced the state: this iterator is stale
+                return  # a newer iterator or load_state_dict took over: this one is stale
             stream = item.pop("stream")
             assert stream == self._next, f"batch from stream {stream}, expected {self._next}"
             self._states[stream] = item.pop("state")

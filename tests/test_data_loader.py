@@ -283,3 +283,17 @@ def test_resume_refuses_a_state_from_a_different_layout(shards, tok):
     other = build_train_loader(DataConfig(source=directory, num_workers=2), tok, batch_size=2)
     with pytest.raises(ValueError, match="num_workers=0, 2"):
         other.load_state_dict(state)
+
+
+def test_a_new_iterator_continues_where_the_last_one_stopped_and_retires_it(shards, tok):
+    directory, _, _ = shards
+    cfg = DataConfig(source=directory, seq_len=16)
+    ref = take(build_train_loader(cfg, tok, batch_size=2), 6)
+    loader = build_train_loader(cfg, tok, batch_size=2)
+    first = iter(loader)
+    got = [next(first) for _ in range(3)]
+    second = iter(loader)
+    got += [next(second) for _ in range(3)]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(got, ref, strict=True))
+    with pytest.raises(StopIteration):
+        next(first)  # stale: it would otherwise repeat the second iterator's batches
