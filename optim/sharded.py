@@ -1,0 +1,480 @@
+"""Matrix-granular ZeRO sharding around any torch optimizer (AdamW, SubTrackAdamW, ...).
+
+A projected matrix cannot be split across ranks (its basis S, moments and geodesic step need
+the whole matrix), so optimizer state is partitioned by WHOLE tensors. Every rank
+
+  1. owns a size-balanced set of parameters, chosen from names and shapes only
+     (`assign_owners`), so all ranks agree without talking and DeepSpeed's parameter clones
+     cannot confuse it;
+  2. builds the inner optimizer on the tensors it owns only, and steps it;
+  3. all-gathers the updated weights in flat per-owner buffers, so every rank ends each step
+     with bit-identical weights (receivers copy the owner's bits).
+
+Gradients either arrive already averaged (DDP, the DeepSpeed engine: `reduce_gradients=False`)
+or this wrapper reduce-scatters them itself (`reduce_gradients=True`) from a flat buffer laid
+out owner by owner, each owner's segment padded to the longest one, so no tensor crosses a
+shard boundary and each rank receives exactly the reduced gradients it owns (ZeRO-2 volume:
+reduce-scatter + all-gather = 2x model bytes per step). gloo implements
+`reduce_scatter_tensor` in torch 2.13, so it is used directly; the reduction is SUM followed by
+our own division by the world size (gloo's AVG is unreliable, pytorch issue 162338).
+
+The optimizer math stays in the inner optimizer; this module only partitions, reduces, steps
+and gathers.
+
+Wiring into a training loop:
+
+    opt = ShardedOptimizer(model.named_parameters(), factory, groups, reduce_gradients=True)
+    loss.backward()                       # plain model, no DDP
+    norm = opt.clip_grad_norm_(max_norm)  # reduce-scatters, then the true global norm
+    opt.step(); opt.zero_grad()
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+FLATTENED_HINT = (
+    "a matrix optimizer needs each projected weight whole and 2-D. DeepSpeed ZeRO stage >= 1 (and, "
+    "on GPUs, its bf16 optimizer wrapper) hands the optimizer flattened 1-D partitions: use ZeRO "
+    "stage 0 (configs/deepspeed/zero0.json) with optim.sharded.ShardedOptimizer, which shards the "
+    "optimizer state by whole matrices")
+
+
+def assign_owners(named_shapes: dict[str, torch.Size], world_size: int) -> dict[str, int]:
+    """Owner rank of each named tensor: whole tensors, size-balanced, deterministic.
+
+    Greedy longest-processing-time: tensors by decreasing numel (ties broken by name) go to the
+    rank with the fewest elements so far (ties: the lowest rank). Depends only on names and
+    shapes, never on dict order or tensor identity, so every rank computes the same map.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    load = [0] * world_size
+    owners = {}
+    for name in sorted(named_shapes, key=lambda n: (-math.prod(named_shapes[n]), n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += math.prod(named_shapes[name])
+    return dict(sorted(owners.items()))
+
+
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); older torch has only those.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass
+class _Bucket:
+    """One collective: rank r's tensors sit at [r * segment + offset, ... + numel) of a flat buffer."""
+    dtype: torch.dtype
+    segment: int
+    slots: list  # per rank: list of (name, offset, numel)
+
+
+def _plan_buckets(owners: dict[str, int], numels: dict[str, int], dtypes: dict[str, torch.dtype],
+                  world_size: int, bucket_numel: int) -> list[_Bucket]:
+    """Cut each owner's tensors (name order) into chunks of <= bucket_numel elements; bucket k
+    holds chunk k of every rank. A tensor larger than the cap is a chunk of its own."""
+    buckets = []
+    for dtype in sorted({dtypes[n] for n in owners}, key=str):
+        chunks_by_rank = []
+        for rank in range(world_size):
+            chunks, current, size = [], [], 0
+            for name in sorted(n for n, r in owners.items() if r == rank and dtypes[n] == dtype):
+                if current and size + numels[name] > bucket_numel:
+                    chunks.append(current)
+                    current, size = [], 0
+                current.append((name, size, numels[name]))
+                size += numels[name]
+            if current:
+                chunks.append(current)
+            chunks_by_rank.append(chunks)
+        for k in range(max(len(c) for c in chunks_by_rank)):
+            slots = [c[k] if k < len(c) else [] for c in chunks_by_rank]
+            segment = max((off + n for s in slots for _, off, n in s), default=0)
+            buckets.append(_Bucket(dtype, segment, slots))
+    return buckets
+
+
+def _tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+_NOT_HYPER = ("params", "names", "param_names")
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """ZeRO-style wrapper: each rank holds optimizer state for the whole tensors it owns.
+
+    Args:
+        named_params: the model's `named_parameters()` (frozen ones are skipped).
+        optimizer_factory: `groups -> torch.optim.Optimizer`, called once with this rank's
+            groups (same hyper-parameters as `param_groups`, params filtered to owned tensors;
+            a group may be empty).
+        param_groups: torch-style groups over the same parameters; a `names` list per group is
+            used when present (as `optim.factory.param_groups` gives). Default: one group.
+            Groups with a `rank` key are projected: their weights must stay 2-D.
+        reduce_gradients: False when gradients arrive averaged (DDP, DeepSpeed engine); True to
+            reduce-scatter them here (then clip with `clip_grad_norm_`, not torch's).
+        process_group: the data-parallel group (default: the world).
+        bucket_numel: cap on elements per rank per collective (bounds the flat buffers' memory).
+
+    `param_groups` of the wrapper list ALL parameters with the inner optimizer's
+    hyper-parameters, so LR schedulers and DeepSpeed see the full model; hyper-parameters are
+    copied to the inner optimizer before every step.
+    """
+
+    def __init__(self, named_params, optimizer_factory, param_groups=None, *, reduce_gradients=False,
+                 process_group=None, bucket_numel=2 ** 25):
+        named = [(n, p) for n, p in named_params if p.requires_grad]
+        self._params = dict(named)
+        self._shapes = {n: p.shape for n, p in named}
+        name_of = {id(p): n for n, p in named}
+        self.process_group = process_group
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(process_group) if distributed else 1
+        self.rank = dist.get_rank(process_group) if distributed else 0
+        self.reduce_gradients = reduce_gradients
+        self.comm_bytes = {"reduce_scatter": 0, "all_gather": 0, "all_reduce": 0}
+        self._grads_reduced = False
+
+        full_groups = []  # (names, hyper-parameters)
+        for g in (param_groups if param_groups is not None else [{"params": [p for _, p in named]}]):
+            params = list(g["params"])
+            for p in params:
+                if id(p) not in name_of:
+                    raise ValueError(f"a param group holds a tensor of shape {tuple(p.shape)} that is not "
+                                     "among named_params (or is frozen); build groups from the same model")
+            names = [name_of[id(p)] for p in params]
+            if "names" in g and list(g["names"]) != names:
+                raise ValueError(f"param group 'names' {list(g['names'])[:3]}... disagree with its params "
+                                 f"{names[:3]}...")
+            if names:  # DeepSpeed drops empty groups; never create one
+                full_groups.append((names, {k: v for k, v in g.items() if k not in _NOT_HYPER}))
+        grouped = [n for names, _ in full_groups for n in names]
+        if len(set(grouped)) != len(grouped) or set(grouped) != set(self._params):
+            raise ValueError("param_groups must hold every trainable parameter exactly once; missing "
+                             f"{sorted(set(self._params) - set(grouped))[:5]}")
+        self._projected = {n for names, hyper in full_groups if "rank" in hyper for n in names}
+        self._check_shapes(self._params)
+
+        self.owners = assign_owners(self._shapes, self.world_size)
+        self.owned = [n for n, r in self.owners.items() if r == self.rank]
+        inner_groups = [dict(hyper, params=[self._params[n] for n in names if self.owners[n] == self.rank],
+                             names=[n for n in names if self.owners[n] == self.rank])
+                        for names, hyper in full_groups]
+        self.inner = optimizer_factory(inner_groups)
+        if len(self.inner.param_groups) != len(inner_groups):
+            raise ValueError(f"optimizer_factory built {len(self.inner.param_groups)} param groups from "
+                             f"{len(inner_groups)}; it must keep the groups it is given")
+        self._inner_names = [[name_of[id(p)] for p in ig["params"]] for ig in self.inner.param_groups]
+
+        wrapper_groups = [dict({k: v for k, v in ig.items() if k not in _NOT_HYPER},
+                               params=[self._params[n] for n in names], names=names)
+                          for (names, _), ig in zip(full_groups, self.inner.param_groups)]
+        super().__init__(wrapper_groups, defaults=dict(self.inner.defaults))
+        # Pairs by object, not index: DeepSpeed edits `param_groups` in place.
+        self._pairs = list(zip(self.param_groups, self.inner.param_groups))
+        numels = {n: p.numel() for n, p in self._params.items()}
+        dtypes = {n: p.dtype for n, p in self._params.items()}
+        self._buckets = _plan_buckets(self.owners, numels, dtypes, self.world_size, bucket_numel)
+        self._device = named[0][1].device if named else torch.device("cpu")
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check_shapes(self, params: dict):
+        for name, p in params.items():
+            if name in self._projected and p.dim() != 2:
+                raise ValueError(f"{name} has shape {tuple(p.shape)} where a projected 2-D weight of shape "
+                                 f"{tuple(self._shapes[name])} was configured: {FLATTENED_HINT}")
+            if p.shape != self._shapes[name]:
+                raise ValueError(f"{name} changed shape from {tuple(self._shapes[name])} to {tuple(p.shape)}: "
+                                 f"{FLATTENED_HINT}")
+
+    def bind(self, named_params):
+        """Re-point every name at the tensor `named_params` now gives for it (after DeepSpeed or
+        another wrapper replaced parameters by clones); state moves with the name."""
+        new = {n: p for n, p in named_params if n in self._params}
+        missing = sorted(set(self._params) - set(new))
+        if missing:
+            raise ValueError(f"bind: parameters {missing[:5]} are no longer in the model")
+        self._check_shapes(new)
+        swap = {id(self._params[n]): new[n] for n in new if new[n] is not self._params[n]}
+        if not swap:
+            return
+        for groups in (self.param_groups, self.inner.param_groups):
+            for g in groups:
+                g["params"] = [swap.get(id(p), p) for p in g["params"]]
+        state = self.inner.state
+        for old_id, p in swap.items():
+            old = next((q for q in list(state) if id(q) == old_id), None)
+            if old is not None:
+                state[p] = state.pop(old)
+        self._params = {n: new[n] for n in self._params}
+
+    # -- communication ------------------------------------------------------------------------
+    def _reduce_scatter_grads(self):
+        """Each rank ends with the averaged gradients of the tensors it owns; others are freed."""
+        world, rank = self.world_size, self.rank
+        for b in self._buckets:
+            send = torch.zeros(world * b.segment, dtype=b.dtype, device=self._device)
+            for r, slots in enumerate(b.slots):
+                for name, off, numel in slots:
+                    grad = self._params[name].grad
+                    if grad is not None:  # a missing gradient counts as zero
+                        send[r * b.segment + off: r * b.segment + off + numel].copy_(grad.reshape(-1))
+            if world > 1:
+                recv = torch.empty(b.segment, dtype=b.dtype, device=self._device)
+                _reduce_scatter(recv, send, op=dist.ReduceOp.SUM, group=self.process_group)
+                recv.div_(world)
+                self.comm_bytes["reduce_scatter"] += send.numel() * send.element_size()
+            else:
+                recv = send
+            for name, off, numel in b.slots[rank]:
+                p = self._params[name]
+                p.grad = recv[off: off + numel].view_as(p)
+        for name in self._params:
+            if self.owners[name] != rank:
+                self._params[name].grad = None
+        self._grads_reduced = True
+
+    def _all_gather_params(self):
+        """Copy every owner's updated weights to all ranks, one flat buffer per bucket."""
+        world, rank = self.world_size, self.rank
+        if world == 1:
+            return
+        for b in self._buckets:
+            send = torch.zeros(b.segment, dtype=b.dtype, device=self._device)
+            for name, off, numel in b.slots[rank]:
+                send[off: off + numel].copy_(self._params[name].detach().reshape(-1))
+            recv = torch.empty(world * b.segment, dtype=b.dtype, device=self._device)
+            _all_gather(recv, send, group=self.process_group)
+            self.comm_bytes["all_gather"] += recv.numel() * recv.element_size()
+            for r, slots in enumerate(b.slots):
+                if r == rank:
+                    continue
+                for name, off, numel in slots:
+                    p = self._params[name]
+                    p.detach().copy_(recv[r * b.segment + off: r * b.segment + off + numel].view_as(p))
+
+    def _sync_hyper(self):
+        for wg, ig in self._pairs:
+            for k, v in wg.items():
+                if k not in _NOT_HYPER:
+                    ig[k] = v
+
+    # -- optimizer API ------------------------------------------------------------------------
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip by the true global L2 norm of the (reduced) gradients; returns it before clipping.
+
+        Each rank takes the norms of the gradients it owns, one all-reduce of a vector with one
+        slot per parameter (zeros elsewhere, so the sum is exact) gives every rank all of them,
+        and the total is taken over them in model order: the same numbers, in the same order, as
+        `torch.nn.utils.clip_grad_norm_` in one process.
+        """
+        if norm_type != 2.0:
+            raise ValueError(f"clip_grad_norm_: only the L2 norm is supported, got norm_type={norm_type}")
+        if self.reduce_gradients and not self._grads_reduced:
+            self._reduce_scatter_grads()
+        slot = {n: i for i, n in enumerate(self._params)}
+        mine = [n for n in self.owned if self._params[n].grad is not None]
+        norms = torch.zeros(len(slot), dtype=torch.float32, device=self._device)
+        if mine:
+            grads = [self._params[n].grad for n in mine]
+            foreach_norm = getattr(torch, "_foreach_norm", None)  # the kernel torch's clipping uses
+            local = foreach_norm(grads, 2.0) if foreach_norm else [torch.linalg.vector_norm(g) for g in grads]
+            norms[[slot[n] for n in mine]] = torch.stack(local).float()
+        if self.world_size > 1:
+            dist.all_reduce(norms, op=dist.ReduceOp.SUM, group=self.process_group)
+            self.comm_bytes["all_reduce"] += norms.numel() * norms.element_size()
+        total = torch.linalg.vector_norm(norms, 2.0)
+        torch.nn.utils.clip_grads_with_norm_([self._params[n] for n in mine], max_norm, total)
+        self._global_grad_norm = total  # DeepSpeed's engine reads this attribute after step
+        return total
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("ShardedOptimizer.step does not take a closure (each rank steps only its shard)")
+        self._check_shapes(self._params)
+        if self.reduce_gradients and not self._grads_reduced:
+            self._reduce_scatter_grads()
+        self._sync_hyper()
+        self.inner.step()
+        self._all_gather_params()
+        self._grads_reduced = False
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self._params.values():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+        self._grads_reduced = False
+
+    def add_param_group(self, param_group):
+        if getattr(self, "_pairs", None) is not None:
+            raise NotImplementedError("ShardedOptimizer: parameters are partitioned at construction; "
+                                      "build a new optimizer to add parameters")
+        super().add_param_group(param_group)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held by THIS rank (tensors in the inner optimizer's state)."""
+        return sum(_tensor_bytes(s) for s in self.inner.state.values())
+
+    def pop_subspace_stats(self):
+        """The inner optimizer's subspace statistics from every rank, merged (None if it has none).
+
+        Collective: every rank must call it. `count` adds up, `*_max` is the max over ranks,
+        `*_mean` the count-weighted mean; every rank gets the merged dict.
+        """
+        if not hasattr(self.inner, "pop_subspace_stats"):
+            return None
+        local = self.inner.pop_subspace_stats()
+        if self.world_size == 1:
+            return local
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, local, group=self.process_group)
+        return _merge_stats(gathered)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's shard: state keyed by parameter NAME, group hyper-parameters, ownership."""
+        inner = self.inner.state_dict()
+        index_to_name = [n for names in self._inner_names for n in names]
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "owned": list(self.owned),
+            "state": {index_to_name[i]: s for i, s in inner["state"].items()},
+            "param_groups": [{k: v for k, v in g.items() if k not in _NOT_HYPER} for g in inner["param_groups"]],
+        }
+
+    def load_state_dict(self, state_dict: dict):
+        """Load state for the names this rank owns from a shard or from merged shards.
+
+        `state_dict["state"]` may hold any superset of the owned names (a merge of shards saved at
+        another world size); group hyper-parameters are taken from it as torch does.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self._inner_names):
+            raise ValueError(f"checkpoint has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self._inner_names)}; build it with the same optimizer config")
+        state = state_dict["state"]
+        missing = [n for n in self.owned if n not in state]
+        if state and missing:
+            raise ValueError(f"checkpoint has no optimizer state for {missing[:5]} (rank {self.rank} owns "
+                             "them); was it saved from a different model?")
+        index, inner_state, inner_groups = 0, {}, []
+        for names, saved in zip(self._inner_names, saved_groups):
+            ids = []
+            for name in names:
+                if name in state:
+                    inner_state[index] = state[name]
+                ids.append(index)
+                index += 1
+            inner_groups.append(dict(saved, params=ids))
+        self.inner.load_state_dict({"state": inner_state, "param_groups": inner_groups})
+        # torch replaced the inner group dicts: pair the new ones, give them back their names.
+        self._pairs = [(wg, ig) for (wg, _), ig in zip(self._pairs, self.inner.param_groups)]
+        for (wg, ig), names, saved in zip(self._pairs, self._inner_names, saved_groups):
+            ig["names"] = list(names)
+            wg.update({k: v for k, v in saved.items() if k not in _NOT_HYPER})
+
+    def save_sharded(self, directory: str):
+        """Every rank writes `shard_<rank>.pt`; rank 0 writes `index.json` (who owns what).
+        Collective: returns once all shards are on disk."""
+        os.makedirs(directory, exist_ok=True)
+        torch.save(self.state_dict(), os.path.join(directory, _shard_file(self.rank)))
+        if self.rank == 0:
+            index = {"world_size": self.world_size, "owners": self.owners,
+                     "files": [_shard_file(r) for r in range(self.world_size)]}
+            with open(os.path.join(directory, "index.json"), "w") as f:
+                json.dump(index, f, indent=1)
+        if self.world_size > 1:
+            dist.barrier(group=self.process_group)
+
+    def load_sharded(self, directory: str):
+        """Load the shards written by `save_sharded` at ANY world size: each rank reads only the
+        shard files that hold the names it owns now."""
+        index_path = os.path.join(directory, "index.json")
+        if not os.path.exists(index_path):
+            raise FileNotFoundError(f"{index_path} not found: not a sharded optimizer checkpoint")
+        with open(index_path) as f:
+            index = json.load(f)
+        unknown = [n for n in self.owned if n not in index["owners"]]
+        if unknown:
+            raise ValueError(f"{index_path} has no owner for {unknown[:5]}; was it saved from a different model?")
+        ranks = sorted({index["owners"][n] for n in self.owned}) or [0]
+        merged = {"state": {}, "param_groups": None}
+        for r in ranks:
+            shard = torch.load(os.path.join(directory, index["files"][r]), map_location=self._device,
+                               weights_only=True)
+            merged["state"].update({n: s for n, s in shard["state"].items() if n in set(self.owned)})
+            merged["param_groups"] = shard["param_groups"]
+        self.load_state_dict(merged)
+
+
+class _MetaParams:
+    """What `optim.factory` reads from a model (`named_parameters()`), as meta tensors: building
+    the optimizer over it costs no memory and yields the exact groups and hyper-parameters."""
+
+    def __init__(self, model):
+        self._named = [(n, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                              requires_grad=p.requires_grad))
+                       for n, p in model.named_parameters()]
+
+    def named_parameters(self):
+        return iter(self._named)
+
+    def parameters(self):
+        return (p for _, p in self._named)
+
+
+def build_sharded_optimizer(model, cfg, **kwargs) -> ShardedOptimizer:
+    """`optim.factory.build_optimizer(model, cfg)`, sharded by whole tensors across the ranks.
+
+    The factory runs once on meta tensors to give the groups and their hyper-parameters, then
+    each rank builds the same optimizer class over the tensors it owns. kwargs go to
+    `ShardedOptimizer` (`reduce_gradients`, `process_group`, `bucket_numel`).
+    """
+    from optim.factory import build_optimizer
+
+    template = build_optimizer(_MetaParams(model), cfg)
+    params = dict(model.named_parameters())
+    groups = [dict(g, params=[params[n] for n in g["names"]]) for g in template.param_groups]
+    # Each group carries every hyper-parameter, so the class's own defaults never apply.
+    return ShardedOptimizer(model.named_parameters(), lambda owned: type(template)(owned), groups, **kwargs)
+
+
+def _shard_file(rank: int) -> str:
+    return f"shard_{rank:05d}.pt"
+
+
+def _merge_stats(items: list):
+    """Merge per-rank stats dicts: `count` and plain numbers add, `*_max` takes the max,
+    `*_mean` is the count-weighted mean."""
+    items = [x for x in items if x is not None]
+    if not items or not isinstance(items[0], dict):
+        return items or None
+    counts = [float(x.get("count", 0.0)) for x in items]
+    total = sum(counts)
+    out = {}
+    for key in dict.fromkeys(k for x in items for k in x):
+        values = [(x[key], c) for x, c in zip(items, counts) if key in x]
+        if key.endswith("_max"):
+            out[key] = max(v for v, _ in values)
+        elif key.endswith("_mean"):
+            out[key] = sum(v * c for v, c in values) / total if total else 0.0
+        else:
+            out[key] = sum(v for v, _ in values)
+    return out
