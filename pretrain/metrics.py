@@ -91,6 +91,18 @@ class Progress:
             self.bar.close()
 
 
+# Dense bf16 peak FLOP/s per GPU, for MFU (SXM parts; a PCIe part has a lower peak).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The bf16 peak of `device` if it is a GPU we know; None otherwise (MFU is then not logged)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak CUDA memory allocated since the last reset; 0 on CPU (not tracked)."""
     if device.type == "cuda":

@@ -26,7 +26,7 @@ from pretrain import distributed
 from pretrain.checkpoint import (load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state,
                                  step_dir_name)
 from pretrain.config import RunConfig, config_to_yaml, resolve_model_config
-from pretrain.metrics import MetricsLogger, Progress, peak_memory_bytes
+from pretrain.metrics import MetricsLogger, Progress, peak_flops, peak_memory_bytes
 from pretrain.schedule import build_scheduler
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends one of them before preempting a job
@@ -104,7 +104,7 @@ def train(cfg: RunConfig) -> dict:
 
 def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dict:
     from data.loader import build_tokenizer, build_train_loader, build_val_batches
-    from models.sizes import build_model, count_parameters
+    from models.sizes import build_model, count_parameters, flops_per_token
     from optim.factory import build_optimizer
 
     tc, device, world = cfg.train, dist.device, dist.world_size
@@ -126,6 +126,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     autocast = autocast_context(tc.dtype, device)
     seq_len = model_cfg.max_seq_len if getattr(cfg.data, "seq_len", None) is None else cfg.data.seq_len
     tokens_per_step = tc.total_batch_size * seq_len
+    model_flops_per_step = flops_per_token(model_cfg, seq_len) * tokens_per_step  # for MFU
+    peak = peak_flops(device)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
@@ -221,6 +223,9 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         train_losses.append(train_loss)
         scalars = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                    "tokens_per_s": tokens_per_step / step_time, "step_time": step_time}
+        scalars["model_tflops"] = model_flops_per_step / step_time / 1e12  # all ranks together
+        if peak is not None:
+            scalars["mfu"] = model_flops_per_step / step_time / (peak * world)
         if device.type == "cuda":
             scalars["peak_memory"] = peak_memory_bytes(device)
         if hasattr(optimizer, "pop_subspace_stats"):

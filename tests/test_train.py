@@ -124,7 +124,7 @@ def test_short_run_lowers_eval_loss_and_writes_tensorboard_jsonl_checkpoint(tmp_
     records = read_metrics(run_dir)
     steps = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 31))
-    for key in ("lr", "grad_norm", "tokens_per_s", "step_time"):
+    for key in ("lr", "grad_norm", "tokens_per_s", "step_time", "model_tflops"):
         assert all(r[key] > 0 for r in steps), key
     eval_records = [r for r in records if "eval/loss" in r]
     assert [r["eval/perplexity"] for r in eval_records] == pytest.approx([torch.exp(torch.tensor(r["eval/loss"])).item()
