@@ -1,0 +1,316 @@
+"""Analytic memory of one training step: weights, gradients, optimizer state by kind, activations.
+
+``estimate("7b", "subtrack++", rank=1024, state_bits=8, per_layer=True, batch=1, seq=256)``
+returns a dict of bytes. Shapes come from the real model built on the meta device (no
+allocation), and which weights are projected from ``optim.factory.is_projected``, so the
+estimate follows the code rather than a copy of the paper's table.
+
+The step it describes (what pretrain/train.py does, and what tests/test_memory.py measures)::
+
+    loss = cross_entropy(model(input_ids).float().flatten(0, 1), labels.flatten())  # logits not kept
+    loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
+
+Assumptions, each a line of the breakdown:
+
+- weights: one copy in ``dtype`` (pure bf16 or pure fp32 training; no fp32 master copy).
+  ``autocast=True`` (fp32 weights under bf16 autocast, what pretrain/train.py does on CUDA)
+  adds autocast's cache of bf16 copies of the Linear weights during forward and backward
+  and counts activations in bf16 (the float32 residual stream it keeps is not modelled).
+- gradients: one per weight in ``dtype``; with per-layer updates (each weight stepped in its
+  post-accumulate-grad hook and its gradient freed) only the largest single gradient is alive.
+- optimizer state (see ``state_bytes``):
+  AdamW 32-bit (torch.optim.AdamW): exp_avg + exp_avg_sq in the weights' dtype (zeros_like).
+  8-bit (bitsandbytes' blockwise layout, optim/quant8.py): 1 byte per element + one float32
+  absmax per 256, for tensors of at least MIN_8BIT_NUMEL elements; smaller ones float32.
+  Low-rank (galore, fira, subtrack, subtrack++) for a projected (m, n) weight: a float32 basis
+  S (m, r) when m < n, or P (r, n) when m >= n; moments M, V of the projected gradient,
+  (r, n) or (m, r), in float32 or 8-bit; a few 0-d counters (step counts, limiter norm,
+  last angle). Other weights (embeddings, norms, head) use AdamW as above (bitsandbytes' 8-bit
+  AdamW when state_bits is 8).
+- activations: the tensors autograd saves, counted per block from models/llama.py (and
+  measured in tests with saved_tensors_hooks). Per block, with b the activation dtype's bytes,
+  N = B*T tokens, d hidden, f intermediate, H heads, K kv heads, D head dim:
+    2 RMSNorms:   2 * (4 N d [float32 input] + 2 b N d [normalised, output] + 4 N [rsqrt])
+    attention:    b N d [q] + 2 b N K D [k, v] + b N d [output] + 4 N H [logsumexp]
+    SwiGLU MLP:   4 b N f [gate, silu(gate), up, product]
+  SDPA is assumed to use a fused kernel (flash / memory-efficient, or PyTorch's CPU flash
+  kernel): no (T, T) attention matrix is stored. With activation checkpointing each block
+  keeps only its input (b N d) and one block's activations are recomputed during backward.
+  The head keeps the final norm's tensors and log_softmax's float32 output (4 N V); the
+  logits are not kept by the loss. The first backward steps add two float32 (N, V) tensors.
+- step temporaries: tensors an optimizer step allocates and frees (see ``step_temporaries``).
+- peak: the largest of the first backward steps (weights, state, activations, loss and
+  head gradients), the recompute of the last block under checkpointing, and the optimizer
+  step (weights, state, all gradients, step temporaries); with per-layer updates the step
+  happens inside backward, so the peak is the backward's plus one weight's gradient and
+  step temporaries.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from models.llama import LlamaConfig
+from models.sizes import build_model, get_config
+from optim import quant8
+from optim.factory import PRESETS, is_projected
+
+GIB = 1024**3
+DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+LOW_RANK = tuple(name for name, preset in PRESETS.items() if preset is not None)
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One parameter: its name, shape, and whether the low-rank optimizers project it."""
+
+    name: str
+    shape: tuple[int, ...]
+    projected: bool
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes per element of 'bf16' / 'fp32' / a torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return torch.empty((), dtype=dtype).element_size()
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)} or a torch.dtype")
+    return DTYPE_BYTES[dtype]
+
+
+def model_weights(cfg: LlamaConfig) -> list[Weight]:
+    """The model's parameters (names and shapes of models/llama.py), built on the meta device."""
+    return list(_model_weights(tuple(sorted(cfg.to_dict().items()))))
+
+
+@functools.lru_cache(maxsize=32)
+def _model_weights(fields: tuple) -> tuple[Weight, ...]:
+    with torch.device("meta"):
+        model = build_model(LlamaConfig(**dict(fields)))
+    return tuple(Weight(name, tuple(p.shape), is_projected(name, p)) for name, p in model.named_parameters())
+
+
+def _moment_bytes(numel: int, state_bits: int, bytes_32: int) -> int:
+    """One moment of `numel` elements: 8-bit packed, or `bytes_32` per element."""
+    return quant8.packed_nbytes(numel) if quant8.use_8bit(numel, state_bits) else bytes_32 * numel
+
+
+def state_bytes(w: Weight, optim_name: str, rank: int | None, state_bits: int, weight_bytes: int,
+                basis_bytes: int = 4) -> dict[str, int]:
+    """Optimizer state of one weight by kind: {"basis", "moments", "scalars", "adamw"}.
+
+    Projected (m, n) weight under a low-rank optimizer, r = min(rank, m, n):
+        left  (m < n):  basis S (m, r), moments 2 x (r, n)
+        right (m >= n): basis P (r, n), moments 2 x (m, r)
+    (basis in float32 unless basis_bytes says otherwise; moments float32 or 8-bit)
+    e.g. 512 x 1376 at r = 128: 2 * 128 * 1376 + 512 * 128 numbers.
+    """
+    out = {"basis": 0, "moments": 0, "scalars": 0, "adamw": 0}
+    if optim_name in LOW_RANK and w.projected:
+        m, n = w.shape
+        r = min(rank, m, n)
+        basis, projected = (m * r, r * n) if m < n else (r * n, m * r)
+        out["basis"] = basis_bytes * basis
+        out["moments"] = 2 * _moment_bytes(projected, state_bits, 4)
+        out["scalars"] = 3 * 8 + 2 * 4  # step, moment_step, subspace_updates (int64); limiter_norm, angle
+        return out
+    if state_bits == 8:
+        out["adamw"] = 2 * _moment_bytes(w.numel, 8, 4)  # bitsandbytes keeps small tensors in float32
+    else:
+        out["adamw"] = 2 * weight_bytes * w.numel  # torch.optim.AdamW and SubTrackAdamW: zeros_like(p)
+    out["scalars"] = 8 if optim_name in LOW_RANK else 4  # step: int64 (SubTrackAdamW), float32 (torch)
+    return out
+
+
+def activation_bytes(cfg: LlamaConfig, batch: int, seq: int, act_bytes: int, checkpointing: bool) -> dict[str, int]:
+    """Saved activations: {"blocks", "recompute", "head", "log_probs", "loss_backward"} (module docstring)."""
+    N, d, f = batch * seq, cfg.hidden_size, cfg.intermediate_size
+    H, K, D, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    b = act_bytes
+    norm = 4 * N * d + 2 * b * N * d + 4 * N
+    attention = b * N * d + 2 * b * N * K * D + b * N * d + 4 * N * H
+    mlp = 4 * b * N * f
+    block = 2 * norm + attention + mlp
+    head = norm + 4 * N * V  # the logits themselves are freed once log_softmax has run
+    if checkpointing:
+        blocks, recompute = cfg.num_layers * b * N * d, block
+    else:
+        blocks, recompute = cfg.num_layers * block, 0
+    return {"blocks": blocks, "recompute": recompute, "head": head, "log_probs": 4 * N * V,
+            "loss_backward": 2 * 4 * N * V}
+
+
+def weight_step_temporaries(w: Weight, optim_name: str, state_bits: int, weight_bytes: int, device: str) -> int:
+    """Bytes the step of the single weight `w` allocates and frees again (one tensor at a time).
+
+    Low-rank step of a projected (m, n) weight (optim/subtrack.py): float32 (m, n) tensors,
+    four with recovery (back-projected update, back(R) scaled, G - back, its scaled copy),
+    two without; plus the float32 copy of G and the update cast back when weights are not
+    float32.
+    bitsandbytes 8-bit AdamW: fused in place on CUDA; on CPU five float32 tensors of the
+    weight's size: both moments dequantized, the scaled gradient, sqrt(V) and the denominator.
+    AdamW (torch's single-tensor path, SubTrackAdamW's plain groups): sqrt(V) and the
+    normalised update (or its bias-corrected copy), in the state's dtype.
+    """
+    if optim_name in LOW_RANK and w.projected:
+        full = 4 if PRESETS[optim_name]["residual"] == "recover" else 2
+        return (4 * full + (4 + weight_bytes if weight_bytes != 4 else 0)) * w.numel
+    if state_bits == 8 and quant8.use_8bit(w.numel, 8):
+        return 0 if device == "cuda" else 5 * 4 * w.numel
+    return 2 * (4 if state_bits == 8 else weight_bytes) * w.numel
+
+
+def step_temporaries(weights: list[Weight], optim_name: str, state_bits: int, weight_bytes: int,
+                     per_layer: bool, device: str) -> int:
+    """Bytes a whole optimizer step allocates and frees again: the largest single weight's
+    (``weight_step_temporaries``), except torch AdamW's multi-tensor (foreach) path, PyTorch's
+    default on CUDA, which builds sqrt(V) for all weights at once (a state-sized temporary);
+    per-layer updates step one weight at a time."""
+    largest = max(weight_step_temporaries(w, optim_name, state_bits, weight_bytes, device) for w in weights)
+    if optim_name == "adamw" and state_bits == 32 and device == "cuda" and not per_layer:
+        return max(largest, weight_bytes * sum(w.numel for w in weights))
+    return largest
+
+
+def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: int | None = None,
+             state_bits: int = 32, per_layer: bool = False, checkpointing: bool = False, batch: int = 1,
+             seq: int = 256, dtype="bf16", activation_dtype=None, autocast: bool = False,
+             basis_dtype="fp32", device: str = "cuda", **config_overrides) -> dict[str, int]:
+    """Bytes of one training step of `size_or_cfg` (a name of models.SIZES or a LlamaConfig).
+
+    optim_name: adamw | galore | fira | subtrack | subtrack++ (optim.factory.PRESETS);
+    rank: required for the low-rank ones; state_bits: 32 or 8 (any optimizer: adamw with
+    8 is bitsandbytes' AdamW8bit); dtype: weights' and gradients' dtype; activation_dtype:
+    defaults to dtype, or bf16 under autocast; autocast: bf16 autocast over weights in
+    `dtype` (adds its cache of bf16 copies of the Linear weights, alive from forward to the
+    end of backward); basis_dtype: of the low-rank bases; device: "cuda" or "cpu" (only the
+    optimizer's temporaries differ); config_overrides: LlamaConfig fields (e.g. vocab_size).
+
+    Returns weights, gradients, state_basis, state_moments, state_scalars, state_adamw,
+    optimizer_state, autocast_cache, activations (saved by forward, head included),
+    activations_recompute, loss_backward, step_temporaries, total (weights + gradients + optimizer_state +
+    activations, the sum papers tabulate) and peak (the timeline's maximum, module docstring).
+    """
+    if optim_name not in PRESETS:
+        raise ValueError(f"unknown optimizer {optim_name!r}; choose one of {sorted(PRESETS)}")
+    if optim_name in LOW_RANK and (rank is None or rank < 1):
+        raise ValueError(f"optimizer {optim_name!r} projects gradients and needs a positive rank, got {rank!r}")
+    if state_bits not in (8, 32):
+        raise ValueError(f"state_bits {state_bits} must be 8 or 32")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device {device!r} must be 'cuda' or 'cpu'")
+    cfg = get_config(size_or_cfg, **config_overrides)
+    wb = dtype_bytes(dtype)
+    ab = dtype_bytes(activation_dtype if activation_dtype is not None else ("bf16" if autocast else dtype))
+    weights = model_weights(cfg)
+
+    out = {"weights": wb * sum(w.numel for w in weights)}
+    largest_grad = wb * max(w.numel for w in weights)
+    out["gradients"] = largest_grad if per_layer else wb * sum(w.numel for w in weights)
+    kinds = {"basis": 0, "moments": 0, "scalars": 0, "adamw": 0}
+    for w in weights:
+        for kind, nbytes in state_bytes(w, optim_name, rank, state_bits, wb, dtype_bytes(basis_dtype)).items():
+            kinds[kind] += nbytes
+    out.update({f"state_{kind}": nbytes for kind, nbytes in kinds.items()})
+    out["optimizer_state"] = sum(kinds.values())
+
+    act = activation_bytes(cfg, batch, seq, ab, checkpointing)
+    linear = sum(w.numel for w in weights if len(w.shape) == 2 and w.name != "embed_tokens.weight")
+    out["autocast_cache"] = 2 * linear if autocast else 0
+    out["activations"] = act["blocks"] + act["head"]
+    out["activations_recompute"] = act["recompute"]
+    out["loss_backward"] = act["loss_backward"]
+    out["step_temporaries"] = step_temporaries(weights, optim_name, state_bits, wb, per_layer, device)
+    out["total"] = out["weights"] + out["gradients"] + out["optimizer_state"] + out["activations"]
+
+    # The timeline's candidate maxima (module docstring): log_softmax's backward (log-probs,
+    # their gradient and the logits' gradient alive), lm_head's backward (its weight gradient
+    # beside the float32 logits' gradient and, for 2-byte activations, its cast), the
+    # recompute of the last block under checkpointing, and the optimizer step.
+    static = out["weights"] + out["optimizer_state"]
+    in_backward = static + out["autocast_cache"]
+    by_name = {w.name: w for w in weights}
+    lm_head_grad = wb * by_name["lm_head.weight"].numel
+    logits_grad = (4 + (ab if ab != 4 else 0)) * batch * seq * cfg.vocab_size
+    loss_backward = in_backward + out["activations"] + act["loss_backward"]
+    head_backward = in_backward + out["activations"] + logits_grad - act["log_probs"] + lm_head_grad
+    recompute = in_backward + act["blocks"] + act["recompute"] + lm_head_grad
+    if per_layer:
+        # Each weight is stepped in its gradient hook, once the node that made the gradient
+        # has freed its inputs: lm_head first (logits' gradient gone), the embedding last
+        # (activations gone); block weights in between, beside at most one recompute.
+        def temps(w):
+            return weight_step_temporaries(w, optim_name, state_bits, wb, device)
+
+        blocks_temps = max(temps(w) for w in weights if w.name.startswith("layers."))
+        blocks_grad = wb * max(w.numel for w in weights if w.name.startswith("layers."))
+        embed = by_name["embed_tokens.weight"]
+        out["peak"] = max(loss_backward,
+                          head_backward - logits_grad + temps(by_name["lm_head.weight"]),
+                          in_backward + act["blocks"] + act["recompute"] + blocks_grad + blocks_temps,
+                          static + wb * embed.numel + temps(embed))
+    else:
+        out["peak"] = max(loss_backward, head_backward, recompute, static + out["gradients"] + out["step_temporaries"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements (CPU: PyTorch profiler's allocation events; CUDA: the caching allocator's stats)
+# ---------------------------------------------------------------------------------------------
+
+def measure_cpu_peak(fn) -> int:
+    """Peak bytes of live CPU tensor storage while fn() runs (not the process RSS).
+
+    Replays the allocation timeline of PyTorch's memory profiler (the data behind
+    ``profile.export_memory_timeline``): storages alive when fn starts and used by it, plus
+    every allocation, minus every free. Tensors fn never touches are not counted.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, nbytes in sorted(prof._memory_profile().timeline, key=lambda event: event[0]):
+        if action in (Action.PREEXISTING, Action.CREATE):
+            live += nbytes
+        elif action == Action.DESTROY:
+            live -= nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def measure_saved_activations(fn, exclude=()) -> int:
+    """Bytes of the distinct storages autograd saves while fn() runs (e.g. forward + loss),
+    storages of the tensors in `exclude` (weights, buffers) left out."""
+    own = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())
+
+
+def state_tensor_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (distinct storages)."""
+    storages = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    return sum(storages.values())
