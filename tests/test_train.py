@@ -174,3 +174,40 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, one_thread):
     b = load_checkpoint(runs[4]["checkpoint"])["model"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def _average_job():
+    import torch.distributed as dist
+
+    from pretrain import distributed
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = torch.nn.Linear(3, 2)
+    for param in model.parameters():
+        param.grad = torch.full_like(param, float(rank + 1))
+    distributed.average_gradients(model, world)
+    return [p.grad for p in model.parameters()], distributed.all_gather_objects({"rank": rank}, world)
+
+
+def test_average_gradients_gives_every_rank_the_mean():
+    from tests.distributed import run_distributed
+
+    for grads, gathered in run_distributed(_average_job, 2):
+        assert all(torch.equal(g, torch.full_like(g, 1.5)) for g in grads)  # (1 + 2) / 2
+        assert gathered == [{"rank": 0}, {"rank": 1}]
+
+
+def test_two_ranks_checkpoint_each_data_position_and_resume(tmp_path):
+    from tests.distributed import check_ok, run_module
+
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(nano_config(tmp_path)), "--set", f"log.run_dir={run_dir}", "train.max_steps=4",
+            "train.steps_per_run=2"]
+    check_ok(run_module("pretrain", argv, world_size=2))
+    trainer = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["trainer"]
+    assert trainer["step"] == 2 and trainer["world_size"] == 2
+    assert [d["rank"] for d in trainer["data"]] == [0, 1]  # each rank's own stream position
+    done = check_ok(run_module("pretrain", argv + ["--resume", "auto"], world_size=2))
+    assert "at step 2" in done[0].stdout and done[1].stdout == ""  # only rank 0 prints
+    assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000004"
