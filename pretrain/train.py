@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import random
 import signal
@@ -72,7 +73,7 @@ def evaluate(model, batches: list[dict], device, autocast, world_size: int) -> f
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
     for batch in batches:
         labels = batch["labels"].to(device)
-        with autocast:
+        with autocast():
             logits = model(batch["input_ids"].to(device))
         totals[0] += lm_loss(logits, labels, reduction="sum").double()
         totals[1] += (labels != -100).sum()
@@ -123,7 +124,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     loader = build_train_loader(cfg.data, tokenizer, tc.micro_batch_size, rank=dist.rank, world_size=world)
     val_batches = build_val_batches(cfg.data, tokenizer, tc.micro_batch_size, tc.eval_batches,
                                     rank=dist.rank, world_size=world)
-    autocast = autocast_context(tc.dtype, device)
+    autocast = functools.partial(autocast_context, tc.dtype, device)  # a fresh context per use
     seq_len = model_cfg.max_seq_len if getattr(cfg.data, "seq_len", None) is None else cfg.data.seq_len
     tokens_per_step = tc.total_batch_size * seq_len
     model_flops_per_step = flops_per_token(model_cfg, seq_len) * tokens_per_step  # for MFU
@@ -206,7 +207,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         for _ in range(accum):
             batch = next(batches)
             labels = batch["labels"].to(device, non_blocking=True)
-            with autocast:
+            with autocast():
                 logits = model(batch["input_ids"].to(device, non_blocking=True))
             loss = lm_loss(logits, labels) / accum  # mean over the global batch once summed
             loss.backward()

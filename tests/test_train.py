@@ -211,3 +211,36 @@ def test_two_ranks_checkpoint_each_data_position_and_resume(tmp_path):
     assert "at step 2" in done[0].stdout and done[1].stdout == ""  # only rank 0 prints
     assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
     assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000004"
+
+
+def test_dtype_auto_is_float32_on_cpu_and_bfloat16_autocasts():
+    from pretrain.train import autocast_context
+
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast_context("auto", torch.device("cpu")):
+        assert (a @ b).dtype == torch.float32
+    with autocast_context("float32", torch.device("cpu")):
+        assert (a @ b).dtype == torch.float32
+    with autocast_context("bfloat16", torch.device("cpu")):
+        assert (a @ b).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, (0, 1, 0)),
+    ({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, (5, 8, 1)),  # torchrun / DeepSpeed launcher
+    ({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}, (9, 16, 1)),  # srun
+])
+def test_ranks_come_from_torchrun_deepspeed_or_slurm_environment(monkeypatch, env, expected):
+    from pretrain import distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.env_ranks() == expected
+
+
+def test_deepspeed_local_rank_argument_sets_local_rank(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    code = cli.main(["--local_rank=3", "--config", str(nano_config(tmp_path)), "--set", "train.max_step=1"])
+    assert code == 2 and os.environ["LOCAL_RANK"] == "3"
