@@ -127,6 +127,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             reduce-scatter them here (then clip with `clip_grad_norm_`, not torch's).
         process_group: the data-parallel group (default: the world).
         bucket_numel: cap on elements per rank per collective (bounds the flat buffers' memory).
+        max_grad_norm: when set, `step()` clips by the true global norm first unless
+            `clip_grad_norm_` was already called this step (the DeepSpeed path uses this).
 
     `param_groups` of the wrapper list ALL parameters with the inner optimizer's
     hyper-parameters, so LR schedulers and DeepSpeed see the full model; hyper-parameters are
@@ -134,7 +136,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, named_params, optimizer_factory, param_groups=None, *, reduce_gradients=False,
-                 process_group=None, bucket_numel=2 ** 25):
+                 process_group=None, bucket_numel=2 ** 25, max_grad_norm=None):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         self._params = dict(named)
         self._shapes = {n: p.shape for n, p in named}
@@ -144,6 +146,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.world_size = dist.get_world_size(process_group) if distributed else 1
         self.rank = dist.get_rank(process_group) if distributed else 0
         self.reduce_gradients = reduce_gradients
+        self.max_grad_norm = max_grad_norm
+        self._clipped = False
         self.comm_bytes = {"reduce_scatter": 0, "all_gather": 0, "all_reduce": 0}
         self._grads_reduced = False
 
@@ -298,6 +302,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.comm_bytes["all_reduce"] += norms.numel() * norms.element_size()
         total = torch.linalg.vector_norm(norms, 2.0)
         torch.nn.utils.clip_grads_with_norm_([self._params[n] for n in mine], max_norm, total)
+        self._clipped = True
         self._global_grad_norm = total  # DeepSpeed's engine reads this attribute after step
         return total
 
@@ -308,10 +313,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._check_shapes(self._params)
         if self.reduce_gradients and not self._grads_reduced:
             self._reduce_scatter_grads()
+        if self.max_grad_norm and not self._clipped:
+            self.clip_grad_norm_(self.max_grad_norm)
         self._sync_hyper()
         self.inner.step()
         self._all_gather_params()
-        self._grads_reduced = False
+        self._grads_reduced = self._clipped = False
 
     def zero_grad(self, set_to_none: bool = True):
         for p in self._params.values():
@@ -319,7 +326,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 p.grad = None
             elif p.grad is not None:
                 p.grad.zero_()
-        self._grads_reduced = False
+        self._grads_reduced = self._clipped = False
 
     def add_param_group(self, param_group):
         if getattr(self, "_pairs", None) is not None:
