@@ -1,0 +1,192 @@
+"""Analytic memory estimate (pretrain/memory.py) against closed forms and against what a
+training step on CPU actually allocates (tensor storage, from PyTorch's profiler; not RSS)."""
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import SIZES, build_model, count_parameters
+from models.sizes import get_config
+from optim import quant8
+from optim.factory import OptimConfig, build_optimizer
+from pretrain import memory
+from pretrain.bench import memory as bench_memory
+
+V = 1000  # a small vocabulary keeps the nano model's step at a few MB
+
+
+def test_low_rank_state_closed_form_512x1376_rank_128():
+    """SubTrack++ state for a 512 x 1376 weight at r = 128: 2 r 1376 + 512 r floats (left side);
+    the transposed weight uses the right side with the same count; 8-bit moments take one byte
+    per element plus a float32 absmax per 256."""
+    r, floats = 128, 2 * 128 * 1376 + 512 * 128
+    for shape in ((512, 1376), (1376, 512)):
+        w = memory.Weight("layers.0.mlp.down_proj.weight", shape, projected=True)
+        state = memory.state_bytes(w, "subtrack++", r, state_bits=32, weight_bytes=2)
+        assert state["basis"] + state["moments"] == 4 * floats
+        state8 = memory.state_bytes(w, "subtrack++", r, state_bits=8, weight_bytes=2)
+        assert state8["moments"] == 2 * (r * 1376 + 4 * (r * 1376 // 256))
+        assert state8["basis"] == 4 * 512 * r
+        assert state8["moments"] <= 0.30 * state["moments"]
+    # Square weights (q, k, v, o) project on the right: P (r, n), moments (m, r).
+    sq = memory.state_bytes(memory.Weight("q", (4096, 4096), True), "galore", 1024, 32, 2)
+    assert sq["basis"] == 4 * 1024 * 4096 and sq["moments"] == 2 * 4 * 4096 * 1024
+
+
+def test_adamw_state_closed_forms_32_bit_in_weight_dtype_and_8_bit_blockwise():
+    big, small = memory.Weight("embed_tokens.weight", (32000, 4096), False), memory.Weight("norm.weight", (4096,), False)
+    assert memory.state_bytes(big, "adamw", None, 32, weight_bytes=2)["adamw"] == 2 * 2 * 32000 * 4096
+    assert memory.state_bytes(big, "adamw", None, 8, weight_bytes=2)["adamw"] == 2 * (32000 * 4096 + 4 * 32000 * 16)
+    # below MIN_8BIT_NUMEL bitsandbytes keeps float32 state
+    assert 4096 >= quant8.MIN_8BIT_NUMEL
+    assert memory.state_bytes(memory.Weight("b", (100,), False), "adamw", None, 8, 2)["adamw"] == 2 * 4 * 100
+    assert memory.state_bytes(small, "subtrack++", 1024, 8, 2)["adamw"] == 2 * quant8.packed_nbytes(4096)
+
+
+@pytest.mark.parametrize("size", ["nano", "1b", "7b"])
+def test_weights_and_gradients_match_count_parameters(size):
+    est = memory.estimate(size, "adamw", dtype="bf16")
+    assert est["weights"] == est["gradients"] == 2 * count_parameters(SIZES[size])
+    per_layer = memory.estimate(size, "adamw", dtype="bf16", per_layer=True)
+    cfg = SIZES[size]
+    largest = max(cfg.vocab_size * cfg.hidden_size, cfg.intermediate_size * cfg.hidden_size)
+    assert per_layer["gradients"] == 2 * largest  # only the largest single gradient is ever alive
+
+
+def test_checkpointing_keeps_one_block_input_per_layer():
+    cfg = SIZES["1b"]
+    B, T = 4, 256
+    plain = memory.estimate("1b", "adamw", batch=B, seq=T)
+    ckpt = memory.estimate("1b", "adamw", batch=B, seq=T, checkpointing=True)
+    per_block = (plain["activations"] - ckpt["activations"]) / cfg.num_layers + 2 * B * T * cfg.hidden_size
+    assert ckpt["activations_recompute"] == per_block  # one block recomputed at a time
+    assert plain["optimizer_state"] == ckpt["optimizer_state"]
+
+
+def test_8bit_subtrack_fits_7b_where_galore_reports_it():
+    """GaLore's anchor: 7B, 8-bit GaLore with per-layer updates, bf16, batch 1 x 256 tokens,
+    22.72 GB measured (jiaweizzhao/GaLore scripts/single_gpu/llama_7b.sh). Our estimate of
+    the same setting, and of SubTrack++ 8-bit, must stay under 24 GB; AdamW must not."""
+    setting = dict(state_bits=8, per_layer=True, batch=1, seq=256, dtype="bf16")
+    assert memory.estimate("7b", "galore", rank=1024, **setting)["peak"] < 24e9
+    assert memory.estimate("7b", "subtrack++", rank=1024, **setting)["peak"] < 24e9
+    assert memory.estimate("7b", "adamw", batch=1, seq=256, dtype="bf16")["peak"] > 24e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured on CPU (float32): static parts from the tensors, activations from autograd's saved
+# tensors, the peak from the profiler's allocation timeline.
+# ---------------------------------------------------------------------------------------------
+
+def _make_step(model, optimizer, per_layer: bool, B: int, T: int):
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+    if per_layer:
+        # GaLore's layer-wise mode: one optimizer per weight, stepped in its gradient hook.
+        optimizers = {p: optimizer([p]) for p in model.parameters()}
+
+        def hook(p):
+            optimizers[p].step()
+            optimizers[p].zero_grad(set_to_none=True)
+
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(hook)
+
+        def step():
+            F.cross_entropy(model(ids).float().flatten(0, 1), labels.flatten()).backward()
+
+        return step, ids, labels, list(optimizers.values())
+
+    def step():
+        F.cross_entropy(model(ids).float().flatten(0, 1), labels.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, ids, labels, [optimizer]
+
+
+CASES = {
+    # name: (optim_name for the estimate, state_bits, per_layer, checkpointing, B, T)
+    "adamw": ("adamw", 32, False, False, 4, 64),
+    "adamw_checkpointing": ("adamw", 32, False, True, 4, 64),
+    "adamw_per_layer_small_batch": ("adamw", 32, True, False, 1, 8),
+    "adamw8bit_small_batch": ("adamw", 8, False, False, 1, 8),
+    "subtrack++": ("subtrack++", 32, False, False, 1, 8),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_estimate_within_10pct_of_measured_on_cpu(case):
+    optim_name, bits, per_layer, checkpointing, B, T = CASES[case]
+    torch.manual_seed(0)
+    model = build_model("nano", vocab_size=V, activation_checkpointing=checkpointing)
+    if optim_name == "subtrack++":
+        optimizer = build_optimizer(model, OptimConfig(name="subtrack++", rank=16, update_interval=1000))
+    else:
+        make = (lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3)) if bits == 8 else (lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+        optimizer = make if per_layer else make(model.parameters())
+    step, ids, labels, optimizers = _make_step(model, optimizer, per_layer, B, T)
+    step()  # creates the optimizer state (and the first basis)
+    est = memory.estimate("nano", optim_name, rank=16, state_bits=bits, per_layer=per_layer,
+                          checkpointing=checkpointing, batch=B, seq=T, dtype="fp32", device="cpu", vocab_size=V)
+
+    measured_weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    measured_state = sum(memory.state_tensor_bytes(o) for o in optimizers)
+    if bits == 8:  # bitsandbytes also references its two 256-entry maps (shared) from each state
+        measured_state -= 2 * 256 * 4
+    assert measured_weights == est["weights"]
+    assert abs(measured_state - est["optimizer_state"]) <= 0.10 * measured_state
+
+    def forward_and_loss():
+        F.cross_entropy(model(ids).float().flatten(0, 1), labels.flatten())
+
+    model.train()
+    saved = memory.measure_saved_activations(forward_and_loss, exclude=[*model.parameters(), *model.buffers()])
+    assert abs(saved - est["activations"]) <= 0.10 * saved
+
+    peak = memory.measure_cpu_peak(step)
+    assert abs(peak - est["peak"]) <= 0.10 * peak, f"measured peak {peak}, estimated {est['peak']}"
+
+
+def test_estimate_gradients_match_measured_after_backward():
+    model = build_model("nano", vocab_size=V, num_kv_heads=2)
+    ids = torch.randint(0, V, (2, 16))
+    F.cross_entropy(model(ids).float().flatten(0, 1), ids.flatten()).backward()
+    est = memory.estimate("nano", "adamw", dtype="fp32", vocab_size=V, num_kv_heads=2)
+    assert est["gradients"] == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+
+
+@pytest.mark.xfail(strict=True, reason="optim/grassmann.initial_basis keeps the full SVD U (m, min(m, n)) alive "
+                   "behind a left basis (m, r): column_major(U[:, :rank]) is already contiguous, so no copy is made; "
+                   "fix: copy the slice (e.g. U[:, :rank].clone()). Remove this mark once fixed.")
+def test_low_rank_state_storage_is_no_larger_than_its_tensors():
+    model = build_model("nano", vocab_size=V)
+    optimizer = build_optimizer(model, OptimConfig(name="subtrack++", rank=16, update_interval=1000))
+    F.cross_entropy(model(torch.randint(0, V, (1, 8))).float().flatten(0, 1), torch.zeros(8, dtype=torch.long)).backward()
+    optimizer.step()
+    logical = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    assert memory.state_tensor_bytes(optimizer) == logical
+    assert logical == memory.estimate("nano", "subtrack++", rank=16, dtype="fp32", vocab_size=V)["optimizer_state"]
+
+
+def test_bench_memory_prints_breakdown_and_table(capsys):
+    assert bench_memory.main(["--model", "7b", "--optim", "subtrack++", "--state-bits", "8", "--per-layer",
+                              "--batch", "1", "--seq", "256", "--no-measure"]) == 0
+    out = capsys.readouterr().out
+    est = memory.estimate("7b", "subtrack++", rank=1024, state_bits=8, per_layer=True, batch=1, seq=256)
+    assert f"{est['peak'] / 1e9:.2f}" in out and "optimizer state" in out
+    assert bench_memory.main(["--table", "--no-measure"]) == 0
+    table = capsys.readouterr().out
+    for name in ("AdamW", "AdamW 8-bit", "GaLore 8-bit", "SubTrack++ 8-bit", "1b", "7b"):
+        assert name in table
+
+
+def test_estimate_refuses_bad_arguments_with_the_fix():
+    with pytest.raises(ValueError, match="needs a positive rank"):
+        memory.estimate("nano", "subtrack++")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        memory.estimate("nano", "adam")
+    with pytest.raises(ValueError, match="state_bits"):
+        memory.estimate("nano", "adamw", state_bits=4)
+    assert memory.estimate(get_config("nano", vocab_size=V), "adamw")["weights"] == 2 * count_parameters(
+        get_config("nano", vocab_size=V))
