@@ -229,8 +229,9 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
             scalars["mfu"] = model_flops_per_step / step_time / (peak * world)
         if device.type == "cuda":
             scalars["peak_memory"] = peak_memory_bytes(device)
-        if hasattr(optimizer, "pop_subspace_stats"):
-            scalars.update({k if "/" in k else f"subspace/{k}": v for k, v in optimizer.pop_subspace_stats().items()})
+        stats = optimizer.pop_subspace_stats() if hasattr(optimizer, "pop_subspace_stats") else None
+        if stats and stats.get("count", 1) > 0:  # low-rank optimizers: subspace movement since the last step
+            scalars.update({f"subspace/{k}": v for k, v in stats.items()})
         metrics.log(step, scalars)
         progress.update(step, f"loss {train_loss:.4f} | lr {lr:.2e} | grad norm {scalars['grad_norm']:.3f} | "
                               f"{scalars['tokens_per_s']:.0f} tok/s")

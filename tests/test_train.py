@@ -1,5 +1,6 @@
 """The training loop end to end on the nano model and the bundled sample corpus (CPU, float32)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -244,3 +245,15 @@ def test_deepspeed_local_rank_argument_sets_local_rank(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     code = cli.main(["--local_rank=3", "--config", str(nano_config(tmp_path)), "--set", "train.max_step=1"])
     assert code == 2 and os.environ["LOCAL_RANK"] == "3"
+
+
+def test_subtrack_run_logs_subspace_movement(tmp_path, one_thread):
+    run_dir = tmp_path / "run"
+    cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "optim.name=subtrack++", "optim.rank=8",
+                                              "optim.update_interval=2", "train.max_steps=4", "train.eval_batches=0"],
+                      world_size=1)
+    summary = train(cfg)
+    assert all(math.isfinite(loss) for loss in summary["train_losses"])
+    moved = [r for r in read_metrics(run_dir) if "subspace/angle_mean" in r]
+    assert moved and all(r["subspace/count"] > 0 for r in moved)  # logged at the steps where it moved
+    assert len(moved) < 4  # and only there (every update_interval steps)
