@@ -57,3 +57,14 @@ def test_tiny_sample_runs_offline_on_the_bundled_corpus():
     cfg = load_config(CONFIGS[[p.stem for p in CONFIGS].index("tiny_sample")], world_size=1)
     assert cfg.data.source == "sample" and cfg.data.tokenizer == "sample"
     assert cfg.train.dtype == "auto" and cfg.train.device == "auto"
+
+
+def test_readme_commands_are_the_ci_command_and_the_tiny_sample_job():
+    root = Path(__file__).parent.parent
+    ci_command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    readme = [line.strip() for line in (root / "README.md").read_text().splitlines()]
+    commands = [line for line in readme if line.startswith("python3 -m venv .venv")]
+    assert commands[1] == ci_command  # CI runs exactly what the README tells users to run
+    assert commands[0].endswith("-m pretrain --config configs/tiny_sample.yaml")
+    assert commands[0].replace(" -q", "").split("&& .venv/bin/python")[0] == ci_command.replace(" -q", "").split(
+        "&& .venv/bin/python")[0]  # the same install steps
