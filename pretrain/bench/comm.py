@@ -1,0 +1,185 @@
+"""Bytes moved and step time per step on N gloo ranks: DDP+AdamW vs the sharded optimizer.
+
+    python -m pretrain.bench comm [--model 20m] [--world-size 2] [--steps 5] ...
+
+Setups, each on the same model and random batches:
+  ddp+adamw             DDP all-reduces gradients, every rank steps full AdamW state
+  ddp+sharded-adamw     DDP all-reduce, ShardedOptimizer steps its shard and all-gathers (3x model bytes)
+  sharded-adamw         ShardedOptimizer reduce-scatters gradients and all-gathers weights (ZeRO-2: 2x)
+  sharded-subtrack++    the same with SubTrack++ as the inner optimizer
+
+Bytes are counted at the collectives (DDP through a comm hook, the sharded optimizer through its
+`comm_bytes`: the size S of each flat buffer, padding included) and reported as what each rank
+sends under the usual ring algorithms (all-reduce 2(N-1)/N x S; reduce-scatter and all-gather
+(N-1)/N x S of the full buffer), the figure that sets the time on a bandwidth-bound network.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+SETUPS = ("ddp+adamw", "ddp+sharded-adamw", "sharded-adamw", "sharded-subtrack++")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m pretrain.bench comm", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="20m", help="model size from models.sizes.SIZES (default 20m)")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2, help="sequences per rank per step")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rank", type=int, default=64, help="SubTrack++ rank r")
+    p.add_argument("--update-interval", type=int, default=200, help="SubTrack++ subspace update interval")
+    p.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated subset of {','.join(SETUPS)}")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def _ring_sent(kind: str, payload: int, world: int) -> float:
+    return payload * (2 if kind == "all_reduce" else 1) * (world - 1) / world
+
+
+def _run_setup(setup, args, rank, world):
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from models.sizes import build_model
+    from optim.factory import OptimConfig, build_optimizer
+    from optim.sharded import build_sharded_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(args.model, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
+    name = "subtrack++" if setup.endswith("subtrack++") else "adamw"
+    cfg = OptimConfig(name=name, rank=args.rank, update_interval=args.update_interval)
+    counted = {"all_reduce": 0}
+    forward = model
+    if setup.startswith("ddp"):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_hook(state, bucket):
+            counted["all_reduce"] += bucket.buffer().numel() * bucket.buffer().element_size()
+            return allreduce_hook(state, bucket)
+
+        forward = torch.nn.parallel.DistributedDataParallel(model)
+        forward.register_comm_hook(None, counting_hook)
+    if setup == "ddp+adamw":
+        opt = build_optimizer(model, cfg)
+        clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # noqa: E731
+    else:
+        opt = build_sharded_optimizer(model, cfg, reduce_gradients=not setup.startswith("ddp"))
+        clip = lambda: opt.clip_grad_norm_(1.0)  # noqa: E731
+
+    def moved():  # bytes handed to collectives so far, by kind (DDP's hook + the sharded optimizer)
+        out = dict(getattr(opt, "comm_bytes", {}))
+        out["all_reduce"] = out.get("all_reduce", 0) + counted["all_reduce"]
+        return out
+
+    gen = torch.Generator().manual_seed(rank)
+    times, bytes_per_step = [], []
+    for step in range(args.warmup + args.steps):
+        tokens = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen)
+        before = moved()
+        dist.barrier()
+        start = time.perf_counter()
+        logits = forward(tokens[:, :-1])
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).backward()
+        clip()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        after = moved()
+        if step >= args.warmup:
+            times.append(elapsed)
+            bytes_per_step.append({k: after[k] - before.get(k, 0) for k in after})
+    per_kind = {k: statistics.mean(b[k] for b in bytes_per_step) for k in bytes_per_step[0]}
+    per_kind = {k: v for k, v in per_kind.items() if v}
+    state = opt.state_bytes() if hasattr(opt, "state_bytes") else sum(
+        t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return {
+        "setup": setup,
+        "params": sum(p.numel() for p in model.parameters()),
+        "payload_bytes": per_kind,
+        "sent_per_rank_bytes": {k: _ring_sent(k, v, world) for k, v in per_kind.items()},
+        "sent_per_rank": sum(_ring_sent(k, v, world) for k, v in per_kind.items()),
+        "step_s": statistics.median(times),
+        "state_bytes": state,
+    }
+
+
+def _rank_main(rank, world, port, args, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = [_run_setup(s, args, rank, world) for s in args.setups.split(",")]
+        states = [None] * world
+        dist.all_gather_object(states, [r["state_bytes"] for r in results])
+        for i, r in enumerate(results):
+            r["state_bytes_per_rank"] = [s[i] for s in states]
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def format_table(results, args) -> str:
+    base = results[0]
+    mb = 1 / 2 ** 20
+    lines = [f"comm benchmark: model {args.model} ({base['params'] / 1e6:.1f}M params, vocab {args.vocab_size}), "
+             f"{args.world_size} ranks (gloo, CPU, 1 thread each), {args.batch_size} x {args.seq_len} tokens per rank, "
+             f"median of {args.steps} steps after {args.warmup} warm-up",
+             f"{'setup':22s} {'sent/rank MB/step':>18s} {'x':>6s} {'step ms':>9s} {'x':>6s} "
+             f"{'opt state MB/rank':>18s} {'x':>6s}"]
+    for r in results:
+        state = max(r["state_bytes_per_rank"])
+        lines.append(f"{r['setup']:22s} {r['sent_per_rank'] * mb:18.1f} "
+                     f"{r['sent_per_rank'] / base['sent_per_rank']:6.2f} {r['step_s'] * 1e3:9.0f} "
+                     f"{r['step_s'] / base['step_s']:6.2f} {state * mb:18.1f} "
+                     f"{state / max(base['state_bytes_per_rank']):6.2f}")
+    lines.append("x: ratio to the first row. sent/rank by collective (MB): " + "; ".join(
+        f"{r['setup']}: " + ", ".join(f"{k} {v * mb:.2f}" for k, v in r["sent_per_rank_bytes"].items())
+        for r in results))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    unknown = set(args.setups.split(",")) - set(SETUPS)
+    if unknown:
+        print(f"comm: unknown setups {sorted(unknown)}; choose from {', '.join(SETUPS)}", file=sys.stderr)
+        return 2
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "results.json")
+        mp.start_processes(_rank_main, args=(args.world_size, _free_port(), args, out_path),
+                           nprocs=args.world_size, start_method="spawn")
+        with open(out_path) as f:
+            results = json.load(f)
+    print(format_table(results, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
