@@ -262,3 +262,20 @@ def test_flattened_projected_weight_is_refused_with_the_fix():
     opt = ShardedOptimizer([("w", w)], torch.optim.AdamW, [{"params": [w], "rank": 2}])
     with pytest.raises(ValueError, match=r"w has shape \(32,\).*2-D weight of shape \(8, 4\)"):
         opt.bind([("w", torch.nn.Parameter(w.detach().reshape(-1)))])
+
+
+def test_bind_follows_parameters_replaced_by_clones_keeping_state_by_name():
+    """DeepSpeed may swap a module's parameters for clones; state stays with the name."""
+    models = [make_model(), make_model()]
+    opts = [build_sharded_optimizer(m, OptimConfig(**CONFIGS["subtrack++"])) for m in models]
+    train(models[0], opts[0], 0, 1)
+    train(models[1], opts[1], 0, 1)
+    for module in models[1].modules():  # replace every parameter by a clone, as a wrapper would
+        for key, p in list(module.named_parameters(recurse=False)):
+            setattr(module, key, torch.nn.Parameter(p.detach().clone()))
+    opts[1].bind(models[1].named_parameters())
+    train(models[0], opts[0], 1, 3)
+    train(models[1], opts[1], 1, 3)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name
+    assert all(p in opts[1].inner.state for p in models[1].parameters())
