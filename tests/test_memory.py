@@ -190,3 +190,14 @@ def test_estimate_refuses_bad_arguments_with_the_fix():
         memory.estimate("nano", "adamw", state_bits=4)
     assert memory.estimate(get_config("nano", vocab_size=V), "adamw")["weights"] == 2 * count_parameters(
         get_config("nano", vocab_size=V))
+
+
+def test_bench_memory_measured_peak_on_cpu_within_10pct(capsys):
+    """The bench's own measurement path (the one a GPU runs), here on CPU tensors: per-layer
+    SubTrack++ with checkpointing on the nano model, full 32000 vocabulary."""
+    assert bench_memory.main(["--model", "nano", "--optim", "subtrack++", "--rank", "16", "--per-layer",
+                              "--checkpointing", "--dtype", "fp32", "--batch", "1", "--seq", "32",
+                              "--measure-cpu", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    ratio = float(out.rsplit("estimate / measured = ", 1)[1].split(")")[0])
+    assert 0.9 <= ratio <= 1.1, out

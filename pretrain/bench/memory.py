@@ -58,6 +58,8 @@ def parse_args(argv):
     parser.add_argument("--table", action="store_true", help="the comparison table for 1b and 7b")
     parser.add_argument("--steps", type=int, default=3, help="steps measured on a GPU (after one warm-up step)")
     parser.add_argument("--no-measure", action="store_true", help="skip the GPU measurement")
+    parser.add_argument("--measure-cpu", action="store_true",
+                        help="measure on the CPU instead (tensor bytes; small models only; CPU step temporaries)")
     args = parser.parse_args(argv)
     for name in ("batch", "seq", "steps"):
         if getattr(args, name) < 1:
@@ -86,17 +88,25 @@ def breakdown(args) -> int:
     rank = paper_rank(args.model, args.rank) if args.optim != "adamw" else None
     est = memory.estimate(args.model, args.optim, rank=rank, state_bits=args.state_bits, per_layer=args.per_layer,
                           checkpointing=args.checkpointing, batch=args.batch, seq=args.seq, dtype=args.dtype,
-                          autocast=args.autocast, basis_dtype=args.basis_dtype)
+                          autocast=args.autocast, basis_dtype=args.basis_dtype,
+                          device="cpu" if args.measure_cpu else "cuda")
     print(f"memory of one training step: {describe(args, rank)}")
     print(f"{'':42s} {'GB':>8s}")
     for label, key in LINES:
         if key in ("autocast_cache", "activations_recompute") and not est[key]:
             continue
         print(f"{label:42s} {est[key] / GB:8.2f}")
-    if not args.no_measure:
-        measured = measure_cuda_peak(args, rank)
-        if measured is not None:
-            print(f"{'measured peak (' + torch.cuda.get_device_name() + ')':42s} {measured / GB:8.2f}")
+    device = torch.device("cuda") if torch.cuda.is_available() and not args.measure_cpu else torch.device("cpu")
+    if args.no_measure or (device.type == "cpu" and not args.measure_cpu):
+        return 0
+    try:
+        measured = measure_peak(args, rank, device)
+    except NotImplementedError as err:  # e.g. an optimizer setting the factory does not offer yet
+        print(f"(not measured: {err})")
+        return 0
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu tensors"
+    label = f"measured peak ({name}, {args.steps} steps)"
+    print(f"{label:42s} {measured / GB:8.2f}   (estimate / measured = {est['peak'] / measured:.3f})")
     return 0
 
 
@@ -118,25 +128,25 @@ def table(args) -> int:
     return 0
 
 
-def measure_cuda_peak(args, rank) -> int | None:
-    """Peak bytes allocated on the GPU over `args.steps` steps after a warm-up step (None without CUDA).
+def measure_peak(args, rank, device: torch.device) -> int:
+    """Peak bytes allocated over `args.steps` steps after a warm-up step.
 
-    Pure `dtype` weights (as the estimate assumes), the optimizer of optim.factory (bitsandbytes'
-    AdamW8bit for AdamW 8-bit), per-layer updates through post-accumulate-grad hooks.
+    CUDA: the caching allocator's max_memory_allocated. CPU (--measure-cpu, small models):
+    live tensor storage from the profiler (pretrain.memory.measure_cpu_peak). Pure `dtype`
+    weights as the estimate assumes (fp32 + autocast with --autocast), the optimizer of
+    optim.factory (bitsandbytes' AdamW8bit for AdamW 8-bit), per-layer updates through
+    post-accumulate-grad hooks, the loss of pretrain/train.py without keeping the logits.
     """
-    if not torch.cuda.is_available():
-        return None
     import torch.nn.functional as F
 
     from models.sizes import build_model
 
-    device = torch.device("cuda")
     dtype = torch.float32 if args.dtype == "fp32" or args.autocast else torch.bfloat16
-    with torch.device(device):
+    with torch.device("meta"):  # allocate once, in the final dtype, on the final device
         model = build_model(args.model, activation_checkpointing=args.checkpointing).to(dtype)
+    model = model.to_empty(device=device)
+    model.init_weights()
     optimizer = _build_optimizer(model, args, rank)
-    if optimizer is None:
-        return None
     if args.per_layer:
         def hook(p):
             optimizer.step()  # only p has a gradient at this moment
@@ -146,39 +156,41 @@ def measure_cuda_peak(args, rank) -> int | None:
             p.register_post_accumulate_grad_hook(hook)
     vocab = model.cfg.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.autocast)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast)
 
     def step():
         with autocast:
             logits = model(ids)
-        F.cross_entropy(logits.float().flatten(0, 1), ids.flatten()).backward()
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
         del logits
+        loss.backward()
         if not args.per_layer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    def steps():
+        for _ in range(args.steps):
+            step()
+
     step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.steps):
-        step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    if device.type == "cpu":
+        return memory.measure_cpu_peak(steps)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    steps()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
 
 
 def _build_optimizer(model, args, rank):
     from optim.factory import OptimConfig, build_optimizer
 
     cfg = OptimConfig(name=args.optim, rank=rank or 128, update_interval=10**6, state_bits=args.state_bits)
-    try:
-        return build_optimizer(model, cfg)
-    except NotImplementedError as err:
-        if args.optim == "adamw" and args.state_bits == 8:
-            import bitsandbytes as bnb
+    if args.optim == "adamw" and args.state_bits == 8:
+        import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-        print(f"(no GPU measurement: {err})")
-        return None
+        return bnb.optim.AdamW8bit(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return build_optimizer(model, cfg)
 
 
 def main(argv=None) -> int:
