@@ -81,10 +81,12 @@ class OptimConfig:
             raise ValueError(f"optim.update_interval {self.update_interval} must be a positive integer")
         if not self.scale > 0:
             raise ValueError(f"optim.scale {self.scale} must be positive")
-        if isinstance(self.step_size, str):
-            if self.step_size != "auto":
-                raise ValueError(f"optim.step_size {self.step_size!r} must be a positive number or 'auto'")
-        elif not float(self.step_size) > 0:
+        if isinstance(self.step_size, str) and self.step_size != "auto":
+            try:  # YAML reads 1e4 (no dot) as a string
+                self.step_size = float(self.step_size)
+            except ValueError:
+                raise ValueError(f"optim.step_size {self.step_size!r} must be a positive number or 'auto'") from None
+        if self.step_size != "auto" and not float(self.step_size) > 0:
             raise ValueError(f"optim.step_size {self.step_size} must be a positive number or 'auto'")
         for key, allowed in (("subspace", SUBSPACE_RULES), ("moments", MOMENT_RULES), ("residual", RESIDUAL_RULES)):
             value = getattr(self, key)
