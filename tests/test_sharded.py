@@ -94,16 +94,21 @@ def train(model, opt, start, stop, *, rank=0, world=1, forward=None, clip=None, 
             stats.append(opt.pop_subspace_stats())
         if save_dir is not None and step + 1 == SAVE_AT:
             opt.save_sharded(os.path.join(save_dir, "optimizer"))
+            consolidated = opt.consolidated_state_dict()  # collective; the whole state on rank 0
             if rank == 0:
                 torch.save(model.state_dict(), os.path.join(save_dir, "model.pt"))
+                torch.save(consolidated, os.path.join(save_dir, "consolidated.pt"))
     return sums
 
 
-def resume(preset, ckpt, **kwargs):
+def resume(preset, ckpt, consolidated=False, **kwargs):
     model = make_model()
     model.load_state_dict(torch.load(os.path.join(ckpt, "model.pt"), weights_only=True))
     opt = build_sharded_optimizer(model, OptimConfig(**CONFIGS[preset]), **kwargs)
-    opt.load_sharded(os.path.join(ckpt, "optimizer"))
+    if consolidated:
+        opt.load_state_dict(torch.load(os.path.join(ckpt, "consolidated.pt"), weights_only=True))
+    else:
+        opt.load_sharded(os.path.join(ckpt, "optimizer"))
     return model, opt
 
 
@@ -233,11 +238,12 @@ def test_resume_across_world_sizes_continues_the_same_trajectory(two_ranks, pres
         assert ranks[0][preset][key][0] == ranks[1][preset][key][0], f"{key}: ranks diverged"
         for name, w in ranks[0][preset][key][1].items():
             torch.testing.assert_close(w, ref[name], **TOL, msg=lambda m: f"{key} {name}: {m}")
-    # 2 -> 1: this process loads both shards of the 2-rank checkpoint
-    model, opt = resume(preset, os.path.join(tmp, f"{preset}-w2"))
-    train(model, opt, SAVE_AT, STEPS)
-    for name, w in weights(model).items():
-        torch.testing.assert_close(w, ref[name], **TOL, msg=lambda m: f"resume_2to1 {name}: {m}")
+    # 2 -> 1: this process loads both shards of the 2-rank checkpoint, or their consolidation
+    for consolidated in (False, True):
+        model, opt = resume(preset, os.path.join(tmp, f"{preset}-w2"), consolidated=consolidated)
+        train(model, opt, SAVE_AT, STEPS)
+        for name, w in weights(model).items():
+            torch.testing.assert_close(w, ref[name], **TOL, msg=lambda m: f"resume_2to1 {consolidated=} {name}: {m}")
 
 
 def test_assign_owners_is_deterministic_balanced_and_order_independent():
