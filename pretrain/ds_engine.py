@@ -22,6 +22,7 @@ Training loop use (one optimizer step per `grad_accum_steps` micro-batches):
     engine.step()           # clips and steps only at the accumulation boundary
 """
 import json
+import math
 import os
 
 import torch
@@ -110,5 +111,6 @@ def _route_clipping(config: dict, optimizer) -> None:
     reports it (`engine.get_global_grad_norm()` reads the optimizer's `_global_grad_norm`).
     DeepSpeed's own stage-0 clipping sums the norm in another order and records no norm."""
     if hasattr(optimizer, "max_grad_norm"):
-        optimizer.max_grad_norm = config["gradient_clipping"] or None
+        # inf when clipping is off: the norm is still computed (one small all-reduce) and reported
+        optimizer.max_grad_norm = config["gradient_clipping"] or math.inf
         config["gradient_clipping"] = 0.0
