@@ -39,6 +39,11 @@ def _counters(pos: dict) -> dict:
 
 
 class BatchStream(IterableDataset):
+    """Endless batches ``(B, T)`` for each stream of one rank, starting from ``states[stream]``.
+
+    ``source`` is a ``data.c4`` source; ``first`` is the stream DataLoader worker 0 runs.
+    """
+
     def __init__(self, source, tokenizer: Tokenizer, batch_size: int, seq_len: int, packing: str,
                  add_bos: bool, rank: int, world_size: int, num_workers: int,
                  states: list[dict], first: int = 0):
