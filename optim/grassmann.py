@@ -209,3 +209,28 @@ def limit_norm_growth(term: torch.Tensor, prev_norm: torch.Tensor, gamma: float 
     factor = (norm / (prev_norm + RECOVERY_EPS)).clamp_min(gamma) / gamma
     factor = torch.where(prev_norm < 0, torch.ones_like(factor), factor)
     return term / factor, norm / factor
+
+
+def recovered_update(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, basis: torch.Tensor, side: str,
+                     scale: float, back_scale: float, prev_norm: torch.Tensor, gamma: float = 1.01
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale * back(N) + the limited recovery term, with one back-projection instead of three.
+
+    Equal to  scale * project_back(N) + limit_norm_growth(recovery_term(...))  (tests check it):
+    phi scales columns (left) or rows (right), so it commutes with the projection,
+        (G - b back(R)) * phi = G * phi - b back(R * phi),
+    and as S is orthonormal and S^T (G * phi) = R * phi, the term's norm needs no matmul:
+        ||term||^2 = ||G * phi||^2 - (2 b - b^2) ||R * phi||^2.
+    Returns (update: (m, n), limited norm to store). b = back_scale.
+    """
+    dim = 0 if side == LEFT else 1
+    phi = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + RECOVERY_EPS)
+    R_phi = R * phi
+    G_phi_sq = (G.norm(dim=dim, keepdim=True).square() * phi.square()).sum()
+    norm = (G_phi_sq - (2.0 * back_scale - back_scale ** 2) * R_phi.square().sum()).clamp_min(0.0).sqrt()
+    factor = (norm / (prev_norm + RECOVERY_EPS)).clamp_min(gamma) / gamma
+    factor = torch.where(prev_norm < 0, torch.ones_like(factor), factor)
+    low = scale * N - (back_scale / factor) * R_phi
+    G_part = G * (phi / factor)
+    update = torch.addmm(G_part, basis, low) if side == LEFT else torch.addmm(G_part, low, basis)
+    return update, norm / factor

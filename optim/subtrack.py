@@ -253,10 +253,10 @@ class SubTrackAdamW(torch.optim.Optimizer):
         state["step"].add_(1)
         state["moment_step"].add_(1)
 
-        update = gm.project_back(N, basis, side) * group["scale"]
         if group["residual"] == "recover":
             back_scale = group["scale"] if group["recovery_scaled_back"] else 1.0
-            term = gm.recovery_term(G, R, N, basis, side, back_scale)
-            term, state["limiter_norm"] = gm.limit_norm_growth(term, state["limiter_norm"], group["limiter"])
-            update = update + term
+            update, state["limiter_norm"] = gm.recovered_update(G, R, N, basis, side, group["scale"], back_scale,
+                                                                state["limiter_norm"], group["limiter"])
+        else:
+            update = gm.project_back(N, basis, side) * group["scale"]
         return update.to(p.dtype), self._adam_step_size(group, int(state["moment_step"]))

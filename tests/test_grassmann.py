@@ -245,3 +245,24 @@ def test_norm_growth_limiter_caps_growth_at_gamma_and_skips_first_step():
     assert float(norm2) == pytest.approx(1.01 * 4.0, rel=1e-6)
     shrunk, norm3 = gm.limit_norm_growth(term * 0.5, norm2)  # shrinking is never limited
     assert torch.equal(shrunk, term * 0.5) and float(norm3) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("back_scale", [0.25, 1.0])
+def test_fused_recovered_update_equals_back_projection_plus_limited_recovery_term(side, back_scale):
+    g = torch.Generator().manual_seed(10)
+    m, n, r = 12, 30, 3
+    S = orthonormal(m, r, g, torch.float64)
+    basis = S if side == "left" else S.T
+    shape = (m, n) if side == "left" else (n, m)
+    prev = torch.tensor(-1.0, dtype=torch.float64)
+    for growth in [1.0, 3.0, 0.5]:  # first step (no limit), a limited jump, a shrink
+        G = growth * torch.randn(*shape, generator=g, dtype=torch.float64)
+        R = gm.project(G, basis, side)
+        N = torch.randn_like(R)
+        term, expected_norm = gm.limit_norm_growth(gm.recovery_term(G, R, N, basis, side, back_scale), prev)
+        expected = 0.25 * gm.project_back(N, basis, side) + term
+        update, norm = gm.recovered_update(G, R, N, basis, side, 0.25, back_scale, prev)
+        assert torch.allclose(update, expected, atol=1e-12)
+        assert torch.allclose(norm, expected_norm, rtol=1e-10)
+        prev = norm

@@ -78,7 +78,8 @@ def check_refreshes(ours, ref, ref_model, first_bases):
         assert int(state["subspace_updates"]) == 3
         assert not torch.allclose(state["basis"], first_bases[p], atol=1e-3)  # the refreshes moved it
         projector = ref.state[ref_params[name]]["projector"]
-        assert torch.allclose(state["basis"], projector.ortho_matrix, atol=1e-5)
+        # Same basis, signs included (SVD of gradients equal to ~1e-7 amplifies to ~1e-5).
+        assert torch.allclose(state["basis"], projector.ortho_matrix, atol=1e-4)
     assert sides == {"left", "right"}
 
 
