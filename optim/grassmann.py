@@ -74,10 +74,11 @@ def tangent(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
     S: (m, r) orthonormal, G: (m, n) -> T: (m, r) with S^T T = 0 (to rounding).
         A = S^T G, Rs = G - S A, T = -2 Rs A^T, T <- T - S (S^T T).
+    Computed as -2 (G A^T - S (A A^T)), which never forms the (m, n) residual: two products
+    of G's size instead of three.
     """
     A = S.t() @ G
-    Rs = G - S @ A
-    T = -2.0 * (Rs @ A.t())
+    T = -2.0 * (G @ A.t() - S @ (A @ A.t()))
     return T - S @ (S.t() @ T)
 
 
