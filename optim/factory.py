@@ -91,7 +91,8 @@ class OptimConfig:
         for key, allowed in (("subspace", SUBSPACE_RULES), ("moments", MOMENT_RULES), ("residual", RESIDUAL_RULES)):
             value = getattr(self, key)
             if value is not None and value not in allowed:
-                raise ValueError(f"optim.{key} {value!r} is unknown; choose one of {list(allowed)} (or null for the preset's)")
+                raise ValueError(f"optim.{key} {value!r} is unknown; choose one of {list(allowed)} "
+                                 "(or null for the preset's)")
         if self.state_bits not in (32, 8):
             raise ValueError(f"optim.state_bits {self.state_bits} must be 32 or 8")
         if not 0 < self.auto_damping <= 1:

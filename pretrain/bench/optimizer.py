@@ -200,7 +200,8 @@ def main(argv=None) -> int:
         print(f"{'':5} (update interval {rows[methods[0]]['interval']}, rank {PAPER_RANK[size][0]})")
 
     print(f"\nsubspace update alone, per weight shape (median of {args.update_repeats}):")
-    header = f"{'size':5} {'shape':>12} {'rank':>5} {'SVD (GaLore)':>13} {'geodesic (SubTrack++)':>22} {'SVD/geodesic':>13}"
+    header = (f"{'size':5} {'shape':>12} {'rank':>5} {'SVD (GaLore)':>13} {'geodesic (SubTrack++)':>22} "
+              f"{'SVD/geodesic':>13}")
     print(header)
     print("-" * len(header))
     for size in sizes:
