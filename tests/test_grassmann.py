@@ -266,3 +266,16 @@ def test_fused_recovered_update_equals_back_projection_plus_limited_recovery_ter
         assert torch.allclose(update, expected, atol=1e-12)
         assert torch.allclose(norm, expected_norm, rtol=1e-10)
         prev = norm
+
+
+def test_max_angle_clamps_and_damping_scales_the_step_angle():
+    g = torch.Generator().manual_seed(11)
+    G = low_rank_plus_noise(30, 60, 4, g)
+    S = orthonormal(30, 4, g)
+    _, big = gm.grassmann_update(S, G, "left", step_size=1e4)
+    assert abs(float(big)) > 1.0  # eta * sigma: a wrapped, meaningless angle without a clamp
+    _, clamped = gm.grassmann_update(S, G, "left", step_size=1e4, max_angle=0.3)
+    assert float(clamped) == pytest.approx(0.3)
+    _, auto = gm.grassmann_update(S, G, "left", step_size="auto")
+    _, damped = gm.grassmann_update(S, G, "left", step_size="auto", damping=0.5)
+    assert float(damped) == pytest.approx(0.5 * float(auto), rel=1e-6) and float(auto) != 0.0
