@@ -285,3 +285,21 @@ def test_bind_follows_parameters_replaced_by_clones_keeping_state_by_name():
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.equal(a, b), name
     assert all(p in opts[1].inner.state for p in models[1].parameters())
+
+
+def test_state_balance_evens_out_subtrack_state_where_numel_balance_does_not():
+    """SubTrack++ keeps far less state for a projected matrix than AdamW does for a plain one,
+    so balancing elements leaves state uneven; balance="state" evens it (7b-like proportions)."""
+    from optim.sharded import _MetaParams, state_costs
+
+    model = build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ, num_layers=4)
+    template = build_optimizer(_MetaParams(model), OptimConfig(**CONFIGS["subtrack++"]))
+    costs = state_costs(template)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    spread = {}  # largest per-rank state over the ideal 1/N, 4 ranks
+    for label, owners in (("numel", assign_owners(shapes, 4)), ("state", assign_owners(shapes, 4, costs))):
+        per_rank = [sum(c for n, c in costs.items() if owners[n] == r) for r in range(4)]
+        spread[label] = max(per_rank) / (sum(per_rank) / 4)
+    assert spread["numel"] > 1.3 and spread["state"] < 1.01, spread
+    opt = build_sharded_optimizer(model, OptimConfig(**CONFIGS["subtrack++"]), balance="state")
+    assert opt.owners == {n: 0 for n in sorted(shapes)} and opt.state_bytes() == sum(costs.values())
