@@ -265,8 +265,8 @@ def _projected_moment_bytes(optimizer) -> int:
 def test_8bit_subtrack_loss_curve_within_margin_of_32bit_over_200_steps_and_state_under_30pct(small_8bit_threshold):
     """Loss (mean of each window of 20 steps) within 0.05 nats of the 32-bit run over 200 steps
     (measured: at most 0.008 here; 0.013 on the 9m model with the default threshold), with 7
-    subspace moves (rotation of the 8-bit moments); projected
-    moment bytes of the 8-bit run <= 30% of the 32-bit run's, from the actual tensors (0.254)."""
+    subspace moves (rotation of the 8-bit moments); projected moment bytes of the 8-bit run
+    <= 30% of the 32-bit run's, from the actual tensors (0.254)."""
     _require_8bit_subtrack()
     losses32, _, opt32 = _train_nano(32, 200)
     losses8, _, opt8 = _train_nano(8, 200)
