@@ -77,7 +77,7 @@ def test_wrong_type_is_a_clear_error(tmp_path, override, words):
 
 
 @pytest.mark.parametrize("overrides, world_size, words", [
-    (["train.total_batch_size=10"], 1, ["total_batch_size = 10", "divisible", "2"]),
+    (["train.total_batch_size=7"], 1, ["total_batch_size = 7", "divisible", "2"]),
     (["train.total_batch_size=8"], 3, ["world_size", "6"]),
     (["train.warmup_steps=30"], 1, ["warmup_steps = 30", "max_steps = 20"]),
     (["train.micro_batch_size=0"], 1, ["micro_batch_size = 0"]),
