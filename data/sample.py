@@ -28,13 +28,15 @@ import tempfile
 from data.c4 import write_shard
 from data.tokenizer import train_tokenizer
 
-VOCAB_SIZE = 4096
+# 8192 beat 4096 on configs/tiny_sample.yaml at step 100: eval loss 9.03 -> 6.44 (2.70 bits per
+# byte) against 8.35 -> 6.25 (2.87 bits per byte).
+VOCAB_SIZE = 8192
 VALIDATION_EVERY = 20  # every 20th document is held out: 5%
 TRAIN_FILE = "c4-train.00000-of-00001.json.gz"
 VALIDATION_FILE = "c4-validation.00000-of-00001.json.gz"
 TOKENIZER_FILE = "tokenizer.model"
 MANIFEST_FILE = "manifest.json"
-VERSION = 2  # bump when the corpus or tokenizer recipe changes: caches of other versions rebuild
+VERSION = 3  # bump when the corpus or tokenizer recipe changes: caches of other versions rebuild
 # C4 lines carry a crawl timestamp; ours is fixed so the shards are byte-identical across builds.
 TIMESTAMP = "2019-04-25T12:00:00Z"
 # Stdlib packages that are tests, demos, GUIs or vendored code rather than documentation.
