@@ -5,10 +5,12 @@ returns a dict of bytes. Shapes come from the real model built on the meta devic
 allocation), and which weights are projected from ``optim.factory.is_projected``, so the
 estimate follows the code rather than a copy of the paper's table.
 
-The step it describes (what pretrain/train.py does, and what tests/test_memory.py measures)::
+The step it describes (pretrain/train.py's loss; what tests/test_memory.py measures)::
 
     loss = cross_entropy(model(input_ids).float().flatten(0, 1), labels.flatten())  # logits not kept
     loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
+
+(pretrain/train.py also holds ``logits`` until its next step: b B T V more bytes, not counted.)
 
 Assumptions, each a line of the breakdown:
 
@@ -41,9 +43,11 @@ Assumptions, each a line of the breakdown:
 - step temporaries: tensors an optimizer step allocates and frees (see ``step_temporaries``).
 - peak: the largest of the first backward steps (weights, state, activations, loss and
   head gradients), the recompute of the last block under checkpointing, and the optimizer
-  step (weights, state, all gradients, step temporaries); with per-layer updates the step
-  happens inside backward, so the peak is the backward's plus one weight's gradient and
-  step temporaries.
+  step (weights, state, all gradients, step temporaries); with per-layer updates each weight
+  is stepped inside backward as soon as its gradient is ready, so one weight's gradient and
+  step temporaries land on the backward's points instead. Steps that compute an SVD (every
+  update interval for GaLore, the first step for SubTrack++) add its workspace for one weight
+  at a time; that spike is not modelled.
 """
 from __future__ import annotations
 
@@ -57,7 +61,6 @@ from models.sizes import build_model, get_config
 from optim import quant8
 from optim.factory import PRESETS, is_projected
 
-GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
 LOW_RANK = tuple(name for name, preset in PRESETS.items() if preset is not None)
 
