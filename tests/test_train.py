@@ -142,7 +142,10 @@ def test_short_run_lowers_eval_loss_and_writes_tensorboard_jsonl_checkpoint(tmp_
 
     assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step_00000020", "step_00000030"]
     final = load_checkpoint(run_dir / "checkpoints" / "step_00000030")  # weights_only=True inside
-    assert final["model_config"]["vocab_size"] == 4096 and final["model_config"]["max_seq_len"] == 32
+    from data.loader import build_tokenizer
+
+    vocab = build_tokenizer(cfg.data).vocab_size
+    assert final["model_config"]["vocab_size"] == -(-vocab // 64) * 64 and final["model_config"]["max_seq_len"] == 32
     assert (run_dir / "config.yaml").read_text() == final["config_yaml"]
 
 
