@@ -149,10 +149,12 @@ def param_groups(model: nn.Module, rank: int | None = None, update_interval: int
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer `cfg` names, over `model`'s trainable parameters (every group has `names`)."""
-    if cfg.state_bits != 32:
-        raise NotImplementedError(f"optim.state_bits {cfg.state_bits} is not available yet (8-bit state is issue 5); "
-                                  "use state_bits: 32")
     choices = cfg.choices()
+    if choices is None and cfg.state_bits == 8:
+        from optim.subtrack import SubTrackAdamW  # no projected group: bitsandbytes' 8-bit AdamW on every weight
+
+        return SubTrackAdamW(param_groups(model), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, state_bits=8)
     if choices is None:
         # AdamW keeps extra group keys such as `names` untouched.
         return torch.optim.AdamW(param_groups(model), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
@@ -163,4 +165,5 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
                           step_size=cfg.step_size, accumulate=cfg.accumulate, auto_damping=cfg.auto_damping,
                           max_angle=cfg.max_angle, limiter=cfg.limiter,
                           recovery_scaled_back=cfg.recovery_scaled_back, rotate_compat=cfg.rotate_compat, **choices)
-    return SubTrackAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return SubTrackAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                         state_bits=cfg.state_bits)

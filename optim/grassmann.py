@@ -51,7 +51,9 @@ def initial_basis(G: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     Uses the same call as galore-torch (torch.linalg.svd, thin) so the presets match it bit for bit.
     """
     U, _, Vh = torch.linalg.svd(G.to(torch.promote_types(G.dtype, torch.float32)), full_matrices=False)
-    return column_major(U[:, :rank] if side == LEFT else Vh[:rank, :])
+    # clone(): U[:, :rank] is already column-major, so column_major() alone would return a view
+    # that keeps the whole U: (m, min(m, n)) alive behind every left basis.
+    return column_major(U[:, :rank].clone() if side == LEFT else Vh[:rank, :])
 
 
 def project(G: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:

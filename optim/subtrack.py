@@ -26,6 +26,13 @@ State per projected weight (tensors only, created when the group is added):
                                     (= 1 + t // update_proj_gap after 0-indexed step t)
     angle (float32, 0-d)            angle of the last subspace update (radians)
     grad_sum, grad_count            only with accumulate: gradients since the last update
+
+state_bits=8 (a group key, default from the constructor) stores each moment of 4096 elements or
+more blockwise in 8 bits (optim/quant8.py): exp_avg / exp_avg_sq become uint8 codes of the same
+shape plus exp_avg_absmax / exp_avg_sq_absmax (float32, one per 256 elements). Projected moments
+are dequantized, updated (and rotated at a subspace move) in float32 and quantized again each
+step; plain groups use bitsandbytes' fused 8-bit AdamW (its weight decay comes before the update).
+The basis stays float32. Codes and absmax are saved and loaded as they are.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from itertools import chain
 import torch
 
 from optim import grassmann as gm
+from optim import quant8
 
 PROJECTED_DEFAULTS = {
     "update_proj_gap": 200,
@@ -62,15 +70,18 @@ class SubTrackAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, state_bits: int = 32):
         if not lr >= 0:
             raise ValueError(f"lr {lr} must be >= 0")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas {betas} must lie in [0, 1)")
         if not eps >= 0:
             raise ValueError(f"eps {eps} must be >= 0")
+        if state_bits not in (8, 32):
+            raise ValueError(f"state_bits {state_bits} must be 32 or 8")
         self._angles: list[torch.Tensor] = []
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                                  "state_bits": state_bits})
 
     # ----------------------------------------------------------------- groups and state
     def add_param_group(self, param_group: dict) -> None:
@@ -111,6 +122,10 @@ class SubTrackAdamW(torch.optim.Optimizer):
         count = lambda: torch.zeros((), dtype=torch.int64)  # noqa: E731 - host-side counters
         state["step"] = count()
         if "rank" not in group:
+            if group["state_bits"] == 8:  # bitsandbytes' blockwise 8-bit AdamW state (float32 below 4096 elements)
+                quant8.init_moment(state, "exp_avg", p.shape, p.device, 8)
+                quant8.init_moment(state, "exp_avg_sq", p.shape, p.device, 8)
+                return
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             return
@@ -121,8 +136,12 @@ class SubTrackAdamW(torch.optim.Optimizer):
         f32 = {"dtype": torch.promote_types(p.dtype, torch.float32), "device": p.device}
         state["moment_step"] = count()
         state["basis"] = gm.column_major(torch.zeros((m, r) if side == gm.LEFT else (r, n), **f32))
-        state["exp_avg"] = torch.zeros(low, **f32)
-        state["exp_avg_sq"] = torch.zeros(low, **f32)
+        if group["state_bits"] == 8:
+            quant8.init_moment(state, "exp_avg", low, p.device, 8)
+            quant8.init_moment(state, "exp_avg_sq", low, p.device, 8)
+        else:
+            state["exp_avg"] = torch.zeros(low, **f32)
+            state["exp_avg_sq"] = torch.zeros(low, **f32)
         state["limiter_norm"] = torch.full((), -1.0, **f32)
         state["subspace_updates"] = count()
         state["angle"] = torch.zeros((), **f32)
@@ -138,17 +157,19 @@ class SubTrackAdamW(torch.optim.Optimizer):
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if torch.is_tensor(value):
-                    device = "cpu" if not value.is_floating_point() else p.device
+                    # host-side counters stay on the CPU; 8-bit codes (uint8) go with the weight
+                    device = "cpu" if value.dtype == torch.int64 else p.device
                     self.state[p][key] = value.to(device=device, copy=True)
 
     # ----------------------------------------------------------------- moments (8-bit swap point)
     def _load_moments(self, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-rank Adam moments as float32 tensors the caller may update in place."""
-        return state["exp_avg"], state["exp_avg_sq"]
+        return quant8.read_moment(state, "exp_avg", signed=True), quant8.read_moment(state, "exp_avg_sq", signed=False)
 
     def _store_moments(self, state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
         """Write the moments back (a quantized variant packs them here)."""
-        state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
+        quant8.write_moment(state, "exp_avg", exp_avg, signed=True)
+        quant8.write_moment(state, "exp_avg_sq", exp_avg_sq, signed=False)
 
     # ----------------------------------------------------------------- subspace
     def move_basis(self, state: dict, group: dict, new_basis: torch.Tensor, side: str) -> None:
@@ -160,7 +181,8 @@ class SubTrackAdamW(torch.optim.Optimizer):
             Q = gm.basis_change(old, new_basis, side)
             self._store_moments(state, *gm.rotate_moments(exp_avg, exp_avg_sq, Q, side, compat))
         elif group["moments"] == "reset":
-            self._store_moments(state, torch.zeros_like(state["exp_avg"]), torch.zeros_like(state["exp_avg_sq"]))
+            zeros = torch.zeros(state["exp_avg"].shape, dtype=state["basis"].dtype, device=state["basis"].device)
+            self._store_moments(state, zeros, zeros)
             state["moment_step"].zero_()
         state["basis"] = new_basis
 
@@ -211,6 +233,12 @@ class SubTrackAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("SubTrackAdamW does not support sparse gradients")
+                if "rank" not in group and group["state_bits"] == 8:
+                    # bitsandbytes' AdamW8bit update: fused 8-bit, or its 32-bit kernel below 4096
+                    # elements (its weight decay comes before the update)
+                    quant8.adamw_step(p, p.grad, self.state[p], group["lr"], group["betas"], group["eps"],
+                                      group["weight_decay"])
+                    continue
                 if "rank" in group:
                     update, step_size = self._projected_update(p, group)
                 else:
@@ -240,7 +268,7 @@ class SubTrackAdamW(torch.optim.Optimizer):
         state = self.state[p]
         beta1, beta2 = group["betas"]
         side = gm.projection_side(tuple(p.shape), group["proj_type"])
-        G = p.grad.to(state["exp_avg"].dtype)
+        G = p.grad.to(state["basis"].dtype)
         self._update_subspace(state, group, G, side, int(state["step"]))
         basis = state["basis"]
         R = gm.project(G, basis, side)
