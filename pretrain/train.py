@@ -18,7 +18,6 @@ import random
 import signal
 import threading
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -138,18 +137,18 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         f"sequences ({tokens_per_step} tokens) per step | device {device} | run dir {run_dir}", flush=True)
 
     def save(step: int) -> str:
+        """Collective: every rank calls it; rank 0 writes. Returns the checkpoint directory."""
         data_states = distributed.all_gather_objects(loader.state_dict(), world)  # every rank's data position
-        path = ""
         if dist.is_main:
             trainer_state = {"step": step, "world_size": world, "scheduler": scheduler.state_dict(),
                              "data": data_states, "rng": rng_state()}
-            path = str(save_checkpoint(checkpoint_root, step, model_state=model.state_dict(),
-                                       model_config=dataclasses.asdict(model_cfg),
-                                       optimizer_state=optimizer.state_dict(), trainer_state=trainer_state,
-                                       config_yaml=config_to_yaml(cfg), keep_last=cfg.checkpoint.keep_last))
+            save_checkpoint(checkpoint_root, step, model_state=model.state_dict(),
+                            model_config=dataclasses.asdict(model_cfg), optimizer_state=optimizer.state_dict(),
+                            trainer_state=trainer_state, config_yaml=config_to_yaml(cfg),
+                            keep_last=cfg.checkpoint.keep_last)
         if world > 1:
             torch.distributed.barrier()
-        return path
+        return str(checkpoint_root / step_dir_name(step))
 
     # ---------------------------------------------------------------- resume
     step = 0
@@ -176,7 +175,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     metrics = MetricsLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.log.tensorboard)
     progress = Progress(total=tc.max_steps, initial=step, log_every=cfg.log.log_every, enabled=dist.is_main,
                         mode=cfg.log.progress_bar)
-    train_losses, evals, last_saved, stopped_by = [], [], None, None
+    train_losses, evals, stopped_by = [], [], None
+    last_saved, saved_step = None, None  # saved_step is the same on every rank (save() is collective)
     started = time.perf_counter()
 
     def run_evaluation(step: int) -> None:
@@ -239,15 +239,15 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
             run_evaluation(step)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            last_saved = save(step)
+            last_saved, saved_step = save(step), step
             progress.write(f"step {step:>7d} | checkpoint {last_saved}")
 
     # ---------------------------------------------------------------- final checkpoint
     if stopped_by is None and step < tc.max_steps:
         stopped_by = "steps_per_run"
-    if last_saved is None or Path(last_saved).name != step_dir_name(step):
+    if saved_step != step:
         if step > start_step or resume_from is None:
-            last_saved = save(step)
+            last_saved, saved_step = save(step), step
             progress.write(f"step {step:>7d} | checkpoint {last_saved}" + (f" (stopped: {stopped_by})" if stopped_by else ""))
         else:  # nothing trained since the checkpoint we resumed from
             last_saved = str(resume_from)

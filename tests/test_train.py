@@ -205,8 +205,9 @@ def test_two_ranks_checkpoint_each_data_position_and_resume(tmp_path):
     from tests.distributed import check_ok, run_module
 
     run_dir = tmp_path / "run"
+    # checkpoint.every=2 also saves at the end step: every rank must agree not to save twice (collective)
     argv = ["--config", str(nano_config(tmp_path)), "--set", f"log.run_dir={run_dir}", "train.max_steps=4",
-            "train.steps_per_run=2"]
+            "train.steps_per_run=2", "checkpoint.every=2"]
     check_ok(run_module("pretrain", argv, world_size=2))
     trainer = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["trainer"]
     assert trainer["step"] == 2 and trainer["world_size"] == 2
