@@ -41,6 +41,9 @@ class OptimConfig:
         G - scale * back(R)); False uses the exact residual G - back(R).
     rotate_compat: True reproduces the published SubTrack++ moment rotation (abs() and an extra
         (1 - beta2) on V); False follows the derivation (clip at 0).
+    state_bits: 32, or 8 for blockwise 8-bit moments (optim/quant8.py; any preset).
+    per_layer: step each weight in its post-accumulate-grad hook and free its gradient at once
+        (optim/per_layer.py; the training loop attaches it: one rank, no accumulation, no clipping).
     """
 
     name: str = "adamw"
@@ -62,6 +65,7 @@ class OptimConfig:
     limiter: float = 1.01
     recovery_scaled_back: bool = True
     rotate_compat: bool = False
+    per_layer: bool = False
 
     def __post_init__(self):
         if self.name not in PRESETS:
@@ -99,6 +103,8 @@ class OptimConfig:
             raise ValueError(f"optim.auto_damping {self.auto_damping} must be in (0, 1]")
         if self.max_angle is not None and not self.max_angle > 0:
             raise ValueError(f"optim.max_angle {self.max_angle} must be positive (radians) or null")
+        if not isinstance(self.per_layer, bool):
+            raise ValueError(f"optim.per_layer {self.per_layer!r} must be true or false")
         if not self.limiter >= 1:
             raise ValueError(f"optim.limiter {self.limiter} must be >= 1 (1.01 in the papers)")
 

@@ -229,25 +229,49 @@ class SubTrackAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SubTrackAdamW does not support sparse gradients")
-                if "rank" not in group and group["state_bits"] == 8:
-                    # bitsandbytes' AdamW8bit update: fused 8-bit, or its 32-bit kernel below 4096
-                    # elements (its weight decay comes before the update)
-                    quant8.adamw_step(p, p.grad, self.state[p], group["lr"], group["betas"], group["eps"],
-                                      group["weight_decay"])
-                    continue
-                if "rank" in group:
-                    update, step_size = self._projected_update(p, group)
-                else:
-                    update, step_size = self._plain_update(p, group)
-                p.add_(update, alpha=-step_size)
-                # Decoupled weight decay after the update, as galore-torch and fira do.
-                if group["weight_decay"] > 0.0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+                if p.grad is not None:
+                    self._step_one(p, group)
         return loss
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor) -> None:
+        """Step one parameter with its group's hyper-parameters (current lr included), exactly as
+        `step()` would step it; no-op when p.grad is None. For per-layer updates
+        (optim/per_layer.py), which call it from p's post-accumulate-grad hook."""
+        if p.grad is not None:
+            self._step_one(p, self._group_of(p))
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        # Index of p's group, rebuilt when the list of groups changes (torch's load_state_dict
+        # replaces it; add_param_group appends). The group dict itself is read from the list each
+        # time, so a scheduler's lr and any replaced dict are always current.
+        groups = self.param_groups
+        cached = getattr(self, "_group_index", None)
+        if cached is None or cached[0] is not groups or cached[1] != len(groups):
+            self._group_index = cached = (groups, len(groups),
+                                          {id(q): i for i, g in enumerate(groups) for q in g["params"]})
+        index = cached[2].get(id(p))
+        if index is None:
+            raise KeyError(f"a tensor of shape {tuple(p.shape)} is not in this optimizer's param groups")
+        return groups[index]
+
+    def _step_one(self, p: torch.Tensor, group: dict) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError("SubTrackAdamW does not support sparse gradients")
+        if "rank" not in group and group["state_bits"] == 8:
+            # bitsandbytes' AdamW8bit update: fused 8-bit, or its 32-bit kernel below 4096
+            # elements (its weight decay comes before the update)
+            quant8.adamw_step(p, p.grad, self.state[p], group["lr"], group["betas"], group["eps"],
+                              group["weight_decay"])
+            return
+        if "rank" in group:
+            update, step_size = self._projected_update(p, group)
+        else:
+            update, step_size = self._plain_update(p, group)
+        p.add_(update, alpha=-step_size)
+        # Decoupled weight decay after the update, as galore-torch and fira do.
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
     @staticmethod
     def _adam_step_size(group: dict, step: int) -> float:
