@@ -163,7 +163,8 @@ def adamw_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, beta
     if grad.shape != p.shape:
         raise ValueError(f"grad shape {tuple(grad.shape)} does not match parameter shape {tuple(p.shape)}")
     if not p.is_contiguous():
-        raise ValueError("adamw_step updates p in place and needs a contiguous parameter; call p.data = p.data.contiguous()")
+        raise ValueError("adamw_step updates p in place and needs a contiguous parameter; "
+                         "call p.data = p.data.contiguous()")
     grad = grad.contiguous()
     state["step"] += 1
     step = int(state["step"].item())
