@@ -194,3 +194,36 @@ def build_val_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, nu
                            "tokens; repeating it", rank, num_batches, batch_size, cfg.seq_len)
         batches.append({"input_ids": item["input_ids"], "labels": item["labels"]})
     return batches
+
+
+def remap_train_state(saved: list[dict], loader: TrainLoader) -> dict:
+    """A state for ``loader`` that continues from per-rank states saved under ANOTHER layout
+    (world size, workers or batch size changed), for a resume at another world size.
+
+    Not exact, by construction: each consumer owns every ``num_consumers``-th line, so a new
+    layout splits the lines differently. Every new stream starts at the furthest position any
+    saved stream had reached (latest epoch, then file and line); the lines before it that a
+    slower saved stream had not read yet are skipped, and the packing buffers (tokens read but
+    not yet trained on) are dropped. Nothing is read twice. Local shards and the sample corpus
+    only: a hub stream's position is an opaque per-consumer state that cannot be remapped.
+    """
+    streams = [s for state in saved for s in state["streams"]]
+    if any("file" not in s["source"] for s in streams):
+        raise ValueError("the saved data position is a hub stream's, which cannot be remapped to another "
+                         "number of ranks x workers; resume with the saved layout")
+    furthest = max(streams, key=lambda s: (s["epoch"], s["source"]["file"], s["source"]["line"]))
+    fresh = loader.state_dict()
+    for stream in fresh["streams"]:
+        stream["epoch"] = furthest["epoch"]
+        stream["source"] = {**stream["source"], "file": furthest["source"]["file"], "line": furthest["source"]["line"]}
+    return fresh
+
+
+def describe_remap(saved: list[dict], new: dict) -> str:
+    """One line on what `remap_train_state` did: positions before and after, tokens dropped."""
+    before = sorted({(s["epoch"], s["source"]["file"], s["source"]["line"]) for st in saved for s in st["streams"]})
+    after = new["streams"][0]
+    dropped = sum(int(s["buffer"].numel()) for st in saved for s in st["streams"])
+    return (f"data: saved positions (epoch, file, line) {before} -> every stream starts at "
+            f"({after['epoch']}, {after['source']['file']}, {after['source']['line']}); lines before it that a "
+            f"saved stream had not read are skipped and {dropped} buffered tokens dropped (no line is read twice)")

@@ -361,6 +361,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """This rank's shard: state keyed by parameter NAME, group hyper-parameters, ownership."""
+        self._sync_hyper()  # the wrapper's current values (an LR scheduler has moved lr since the last step)
         inner = self.inner.state_dict()
         index_to_name = [n for names in self._inner_names for n in names]
         return {

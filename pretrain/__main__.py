@@ -1,4 +1,4 @@
-"""`python -m pretrain --config configs/X.yaml [--set section.key=value ...] [--resume auto|PATH]`.
+"""`python -m pretrain --config configs/X.yaml [--set section.key=value ...] [--resume auto|PATH] [--deepspeed DS.json]`.
 
 Also the `pretrain` console script. Works under torchrun, the DeepSpeed launcher (which adds
 `--local_rank=N`) and SLURM srun; exits 0 when stopped by SIGTERM / SIGUSR1 after saving.
@@ -19,6 +19,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None,
                         help="'auto' (latest complete checkpoint of the run, if any) or a checkpoint directory; "
                              "same as --set checkpoint.resume=...")
+    parser.add_argument("--deepspeed", default=None, metavar="DS_CONFIG",
+                        help="run under the DeepSpeed engine with this JSON (configs/deepspeed/zero0.json); "
+                             "same as --set train.deepspeed=...")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed
     parser.add_argument("--summary-json", default=None, help="write the run summary to this JSON file")
     return parser.parse_args(argv)
@@ -29,6 +32,8 @@ def main(argv=None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     overrides = [item for group in args.overrides for item in group]
+    if args.deepspeed is not None:
+        overrides.append(f"train.deepspeed={args.deepspeed}")
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
 

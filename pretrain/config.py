@@ -58,6 +58,11 @@ class TrainConfig:
     eval_every: int = 50  # also evaluated at step 0 and at the end
     eval_batches: int = 4  # fixed validation batches of micro_batch_size sequences per rank
     device: str = "auto"  # auto | cpu | cuda
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # weights (and gradients) in memory; optimizer
+    # state stays float32 (SubTrack++ keeps its bases float32). bfloat16 = pure-bf16 training as GaLore's 7B run
+    sharded_optimizer: bool = True  # with > 1 rank: optimizer state sharded by whole matrices (optim/sharded.py)
+    deepspeed: str | None = None  # a DeepSpeed JSON (ZeRO stage 0, configs/deepspeed/): run under its engine
+    replica_check_every: int = 0  # every N steps all ranks compare weight checksums (0: never); a debug aid
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step: total / (micro * world)."""
@@ -77,6 +82,10 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0: only at the end (and on SIGTERM/SIGUSR1)
     keep_last: int = 3
     resume: str | None = None  # null | auto (latest complete checkpoint of run_dir, if any) | a checkpoint path
+    # Resuming with another number of ranks: weights, optimizer and schedule load exactly; the data
+    # position cannot (each rank reads its own lines), so it is refused unless this is true, and then
+    # remapped as data.loader.remap_train_state says (a few lines skipped, nothing read twice).
+    allow_world_size_change: bool = False
 
 
 @dataclass
@@ -312,6 +321,21 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
                           "(eval_every 0: only at step 0 and at the end)")
     if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
         raise ConfigError(f"train.device = {t.device!r} must be auto, cpu or cuda[:N]")
+    if t.replica_check_every < 0:
+        raise ConfigError(f"train.replica_check_every = {t.replica_check_every} must be >= 0 (0: never)")
+    if t.deepspeed is not None and not Path(t.deepspeed).is_file():
+        raise ConfigError(f"train.deepspeed = {t.deepspeed!r} is not a file; pass a DeepSpeed JSON such as "
+                          "configs/deepspeed/zero0.json (or drop --deepspeed)")
+    if getattr(cfg.optim, "per_layer", False):
+        if t.deepspeed is not None:
+            raise ConfigError("optim.per_layer steps each weight in its gradient hook, which the DeepSpeed engine "
+                              "does not allow; drop --deepspeed or set optim.per_layer: false")
+        from optim.per_layer import check_per_layer_allowed
+
+        try:
+            check_per_layer_allowed(t.grad_accum_steps(world_size), world_size, t.grad_clip)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if ck.every < 0:
         raise ConfigError(f"checkpoint.every = {ck.every} must be >= 0 (0: only at the end)")
     if ck.resume not in (None, "auto") and not Path(ck.resume).is_dir():

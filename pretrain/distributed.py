@@ -100,6 +100,13 @@ def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Elementwise max of a small tensor over ranks, in place; a no-op on one process."""
+    if world_size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def all_gather_objects(obj, world_size: int) -> list:
     """[obj of rank 0, obj of rank 1, ...] (e.g. per-rank data loader states for a checkpoint)."""
     if world_size == 1:
@@ -107,3 +114,24 @@ def all_gather_objects(obj, world_size: int) -> list:
     out = [None] * world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def weight_checksum(model: torch.nn.Module) -> int:
+    """An integer over the exact bits of every weight (each element's bits read as an integer and
+    summed with a position weight), so any bit that differs changes it with near certainty."""
+    bit_types = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    total = 0
+    for i, param in enumerate(model.parameters(), start=1):
+        bits = param.detach().reshape(-1).view(bit_types[param.element_size()]).long()
+        total += i * int(bits.sum()) + int((bits[::7] * 3).sum())
+    return total % (1 << 62)
+
+
+def check_replicas(model: torch.nn.Module, world_size: int, step: int) -> int:
+    """Collective: every rank's weight checksum must agree; raises naming the ranks that differ."""
+    mine = weight_checksum(model)
+    sums = all_gather_objects(mine, world_size)
+    if len(set(sums)) > 1:
+        raise RuntimeError(f"step {step}: the ranks' weights differ (checksums by rank: {sums}); the optimizer "
+                           "did not leave every rank with the same weights")
+    return mine

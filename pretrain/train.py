@@ -6,6 +6,16 @@
     evaluation   loss and perplexity on fixed validation batches: step 0, every eval_every, the end
     checkpoints  every checkpoint.every steps, on SIGTERM / SIGUSR1 (then exit 0), at the end
 
+How gradients become an update depends on the mode (`training_mode`), one branch each in the loop:
+
+    replicated   one process, or every rank a full optimizer: all-reduce gradients, clip, step
+    sharded      > 1 rank (train.sharded_optimizer): optim.sharded.ShardedOptimizer reduce-scatters the
+                 gradients, clips by the true global norm, each rank steps the whole matrices it owns
+                 and all-gathers the weights; its checkpoint is one shard per rank plus an index
+    deepspeed    train.deepspeed (--deepspeed DS.json): the DeepSpeed engine (ZeRO stage 0) averages
+                 the gradients and calls the same sharded optimizer, which clips and steps
+    per_layer    optim.per_layer (one rank): each weight is stepped in its gradient hook during backward
+
 `train(cfg)` runs it in-process and returns a summary; `python -m pretrain` is the CLI.
 """
 from __future__ import annotations
@@ -23,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import distributed
-from pretrain.checkpoint import (load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state,
-                                 step_dir_name)
+from pretrain.checkpoint import (load_checkpoint, load_optimizer, prepare_staging, resolve_resume, rng_state,
+                                 save_checkpoint, set_rng_state, staging_dir, step_dir_name)
 from pretrain.config import RunConfig, config_to_yaml, resolve_model_config
 from pretrain.metrics import MetricsLogger, Progress, peak_flops, peak_memory_bytes
 from pretrain.schedule import build_scheduler
@@ -92,6 +102,18 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def training_mode(cfg: RunConfig, world_size: int) -> str:
+    """replicated | sharded | deepspeed | per_layer (module docstring); config checks already refused
+    the combinations that cannot work (per_layer with several ranks, accumulation or clipping)."""
+    if cfg.train.deepspeed:
+        return "deepspeed"
+    if getattr(cfg.optim, "per_layer", False):
+        return "per_layer"
+    if world_size > 1 and cfg.train.sharded_optimizer:
+        return "sharded"
+    return "replicated"
+
+
 def train(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (losses, steps, where the run and its last checkpoint are)."""
     dist = distributed.setup(cfg.train.device)
@@ -103,9 +125,10 @@ def train(cfg: RunConfig) -> dict:
 
 
 def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dict:
-    from data.loader import build_tokenizer, build_train_loader, build_val_batches
+    from data.loader import build_tokenizer, build_train_loader, build_val_batches, describe_remap, remap_train_state
     from models.sizes import build_model, count_parameters, flops_per_token
     from optim.factory import build_optimizer
+    from optim.sharded import build_sharded_optimizer
 
     tc, device, world = cfg.train, dist.device, dist.world_size
     run_dir, checkpoint_root = cfg.run_dir, cfg.run_dir / "checkpoints"
@@ -116,10 +139,29 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     tokenizer = build_tokenizer(cfg.data)
     model_cfg = resolve_model_config(cfg, tokenizer.vocab_size)
     tokenizer.check_fits(model_cfg.vocab_size)  # refuse before any step, not with an index error later
-    model = build_model(model_cfg).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+    # bfloat16: pure-bf16 weights and gradients (GaLore's 7B recipe); optimizer bases/state stay float32
+    model = build_model(model_cfg).to(device, dtype=getattr(torch, tc.param_dtype))
     accum = tc.grad_accum_steps(world)
+    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: the norm is still measured, not applied
+    mode = training_mode(cfg, world)
+    engine, per_layer = None, None
+    if mode in ("sharded", "deepspeed"):  # state sharded by whole matrices; the engine averages gradients itself
+        optimizer = build_sharded_optimizer(model, cfg.optim, reduce_gradients=mode == "sharded")
+    else:
+        optimizer = build_optimizer(model, cfg.optim)
+    if mode == "deepspeed":
+        from pretrain import ds_engine
+
+        engine = ds_engine.initialize(model, optimizer, tc.deepspeed, micro_batch_size=tc.micro_batch_size,
+                                      grad_accum_steps=accum, gradient_clipping=tc.grad_clip,
+                                      tensorboard_dir=str(run_dir / "deepspeed"))
+    if mode == "per_layer":
+        from optim.per_layer import attach_per_layer_updates, check_per_layer_allowed
+
+        check_per_layer_allowed(accum, world, tc.grad_clip)  # load_config checked already; train(cfg) may skip it
+        per_layer = attach_per_layer_updates(model, optimizer)
+    forward = engine or model  # the engine's forward runs the model (and DeepSpeed's hooks)
+    scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     loader = build_train_loader(cfg.data, tokenizer, tc.micro_batch_size, rank=dist.rank, world_size=world)
     val_batches = build_val_batches(cfg.data, tokenizer, tc.micro_batch_size, tc.eval_batches,
                                     rank=dist.rank, world_size=world)
@@ -134,16 +176,28 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     say(f"model {cfg.model.size}: {count_parameters(model_cfg) / 1e6:.2f}M parameters, vocab {model_cfg.vocab_size}, "
         f"context {model_cfg.max_seq_len} | optimizer {cfg.optim.name} lr {cfg.optim.lr:g} | "
         f"{world} rank(s) x {tc.micro_batch_size} sequences x {accum} accumulation = {tc.total_batch_size} "
-        f"sequences ({tokens_per_step} tokens) per step | device {device} | run dir {run_dir}", flush=True)
+        f"sequences ({tokens_per_step} tokens) per step | {mode} | weights {tc.param_dtype} | device {device} | "
+        f"run dir {run_dir}", flush=True)
+    sharded_state = mode in ("sharded", "deepspeed")
 
     def save(step: int) -> str:
-        """Collective: every rank calls it; rank 0 writes. Returns the checkpoint directory."""
+        """Collective: every rank calls it. With a sharded optimizer every rank writes its shard into
+        the staging directory, then rank 0 writes the rest and renames. Returns the checkpoint path."""
         data_states = distributed.all_gather_objects(loader.state_dict(), world)  # every rank's data position
+        optimizer_state = None
+        if sharded_state:
+            if dist.is_main:
+                prepare_staging(checkpoint_root, step)
+            if world > 1:
+                torch.distributed.barrier()  # the staging directory exists before anyone writes into it
+            optimizer.save_sharded(str(staging_dir(checkpoint_root, step) / "optimizer"))  # collective
+        elif dist.is_main:
+            optimizer_state = optimizer.state_dict()
         if dist.is_main:
             trainer_state = {"step": step, "world_size": world, "scheduler": scheduler.state_dict(),
                              "data": data_states, "rng": rng_state()}
             save_checkpoint(checkpoint_root, step, model_state=model.state_dict(),
-                            model_config=dataclasses.asdict(model_cfg), optimizer_state=optimizer.state_dict(),
+                            model_config=dataclasses.asdict(model_cfg), optimizer_state=optimizer_state,
                             trainer_state=trainer_state, config_yaml=config_to_yaml(cfg),
                             keep_last=cfg.checkpoint.keep_last)
         if world > 1:
@@ -156,18 +210,26 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     if resume_from is None and cfg.checkpoint.resume == "auto":
         say(f"resume: no complete checkpoint in {checkpoint_root}; starting fresh", flush=True)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=device)
-        trainer = state["trainer"]
-        if trainer["world_size"] != world:
-            raise RuntimeError(f"checkpoint {resume_from} was written by {trainer['world_size']} rank(s); this run has "
-                               f"{world}: resume with the same number of processes")
+        state = load_checkpoint(resume_from, map_location=device, with_optimizer=False)
+        trainer, saved_world = state["trainer"], state["trainer"]["world_size"]
+        if saved_world != world and not cfg.checkpoint.allow_world_size_change:
+            raise RuntimeError(
+                f"checkpoint {resume_from} was written by {saved_world} rank(s); this run has {world}. Weights, "
+                "optimizer and schedule would load exactly, but each rank's data position cannot: resume with "
+                f"{saved_world} process(es), or set checkpoint.allow_world_size_change=true to continue the data "
+                "from a remapped position (data.loader.remap_train_state: a few lines skipped, none read twice)")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        how = load_optimizer(optimizer, resume_from, map_location=device)  # any world size, by parameter name
         scheduler.load_state_dict(trainer["scheduler"])
-        loader.load_state_dict(trainer["data"][dist.rank])
+        if saved_world == world:
+            loader.load_state_dict(trainer["data"][dist.rank])
+        else:
+            remapped = remap_train_state(trainer["data"], loader)
+            loader.load_state_dict(remapped)
+            say(f"resume: world size {saved_world} -> {world}; {describe_remap(trainer['data'], remapped)}", flush=True)
         set_rng_state(trainer["rng"])
         step = trainer["step"]
-        say(f"resume: from {resume_from} at step {step}", flush=True)
+        say(f"resume: from {resume_from} at step {step} (optimizer: {how})", flush=True)
     start_step = step
     stop_at = tc.max_steps if tc.steps_per_run is None else min(tc.max_steps, start_step + tc.steps_per_run)
 
@@ -175,7 +237,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     metrics = MetricsLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.log.tensorboard)
     progress = Progress(total=tc.max_steps, initial=step, log_every=cfg.log.log_every, enabled=dist.is_main,
                         mode=cfg.log.progress_bar)
-    train_losses, evals, stopped_by = [], [], None
+    train_losses, evals, stopped_by, checksums = [], [], None, []
     last_saved, saved_step = None, None  # saved_step is the same on every rank (save() is collective)
     started = time.perf_counter()
 
@@ -191,10 +253,10 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         run_evaluation(0)
     batches = iter(loader)
     while step < stop_at:
-        if world > 1:  # every rank must see a signal that reached any of them
-            flag = distributed.all_reduce_sum(torch.tensor([float(stop.signum is not None)], device=device), world)
-            if flag.item() > 0 and stop.signum is None:
-                stop.signum = signal.SIGTERM
+        if world > 1:  # every rank must see a signal that reached any of them (SLURM may signal one task)
+            signum = distributed.all_reduce_max(torch.tensor([float(stop.signum or 0)], device=device), world)
+            if signum.item() > 0 and stop.signum is None:
+                stop.signum = int(signum.item())
         if stop.signum is not None:
             stopped_by = signal.Signals(stop.signum).name
             break
@@ -208,21 +270,36 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
             batch = next(batches)
             labels = batch["labels"].to(device, non_blocking=True)
             with autocast():
-                logits = model(batch["input_ids"].to(device, non_blocking=True))
+                logits = forward(batch["input_ids"].to(device, non_blocking=True))
             loss = lm_loss(logits, labels) / accum  # mean over the global batch once summed
-            loss.backward()
+            if mode == "deepspeed":
+                engine.backward(loss * accum)  # the engine divides by the accumulation steps itself
+                engine.step()  # averages over ranks, then clips and steps at the accumulation boundary only
+            else:
+                loss.backward()  # per_layer: every weight is stepped (and its gradient freed) in here
             loss_sum += loss.detach()
-        distributed.average_gradients(model, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        optimizer.step()
+
+        if mode == "replicated":
+            distributed.average_gradients(model, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()
+        elif mode == "sharded":
+            grad_norm = optimizer.clip_grad_norm_(max_norm)  # reduce-scatter, then the true global norm
+            optimizer.step()  # each rank its own matrices, then all-gather the weights
+        elif mode == "deepspeed":
+            grad_norm = engine.get_global_grad_norm()  # measured by the sharded optimizer in engine.step()
+        else:  # per_layer
+            grad_norm = per_layer.pop_grad_norm()  # unclipped (clipping is refused with per-layer updates)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if tc.replica_check_every and step % tc.replica_check_every == 0:
+            checksums.append((step, distributed.check_replicas(model, world, step)))  # raises if ranks differ
 
         train_loss = distributed.all_reduce_sum(loss_sum, world).item() / world
         step_time = time.perf_counter() - t0
         train_losses.append(train_loss)
-        scalars = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+        scalars = {"train/loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_s": tokens_per_step / step_time, "step_time": step_time}
         scalars["model_tflops"] = model_flops_per_step / step_time / 1e12  # all ranks together
         if peak is not None:
@@ -251,6 +328,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
             progress.write(f"step {step:>7d} | checkpoint {last_saved}" + (f" (stopped: {stopped_by})" if stopped_by else ""))
         else:  # nothing trained since the checkpoint we resumed from
             last_saved = str(resume_from)
+    if per_layer is not None:
+        per_layer.remove()
     progress.close()
     metrics.close()
     return {
@@ -258,5 +337,5 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         "stopped_by": stopped_by, "checkpoint": last_saved, "train_losses": train_losses, "evals": evals,
         "first_eval_loss": evals[0][1] if evals else None, "final_eval_loss": evals[-1][1] if evals else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
-        "wall_time_s": time.perf_counter() - started,
+        "wall_time_s": time.perf_counter() - started, "mode": mode, "weight_checksums": checksums,
     }
