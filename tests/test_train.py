@@ -77,14 +77,6 @@ def assert_identical(a, b, where=""):
         assert a == b, where
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_equals_uninterrupted(tmp_path):
     config = nano_config(tmp_path)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -109,7 +101,7 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert_identical(a["trainer"][part], b["trainer"][part], part)
 
 
-def test_short_run_lowers_eval_loss_and_writes_tensorboard_jsonl_checkpoint(tmp_path, one_thread, capsys):
+def test_short_run_lowers_eval_loss_and_writes_tensorboard_jsonl_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
     cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "log.tensorboard=true", "train.max_steps=30",
                                               "train.eval_every=15", "checkpoint.every=10", "checkpoint.keep_last=2",
@@ -149,7 +141,7 @@ def test_short_run_lowers_eval_loss_and_writes_tensorboard_jsonl_checkpoint(tmp_
     assert (run_dir / "config.yaml").read_text() == final["config_yaml"]
 
 
-def test_tokenizer_larger_than_model_vocab_is_refused_before_any_step(tmp_path, one_thread):
+def test_tokenizer_larger_than_model_vocab_is_refused_before_any_step(tmp_path):
     run_dir = tmp_path / "run"
     cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "model.vocab_size=1000"], world_size=1)
     with pytest.raises(ValueError, match="vocab_size"):
@@ -165,7 +157,7 @@ def test_cli_config_error_exits_2_before_any_work(tmp_path, capsys):
     assert not run_dir.exists()
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path, one_thread):
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """micro 2 x 2 accumulation steps and micro 4 x 1 see the same 4 sequences: same update."""
     runs = {}
     for micro in (2, 4):
@@ -251,7 +243,7 @@ def test_deepspeed_local_rank_argument_sets_local_rank(tmp_path, monkeypatch):
     assert code == 2 and os.environ["LOCAL_RANK"] == "3"
 
 
-def test_subtrack_run_logs_subspace_movement(tmp_path, one_thread):
+def test_subtrack_run_logs_subspace_movement(tmp_path):
     run_dir = tmp_path / "run"
     cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "optim.name=subtrack++", "optim.rank=8",
                                               "optim.update_interval=2", "train.max_steps=4", "train.eval_batches=0"],
