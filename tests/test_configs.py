@@ -9,14 +9,15 @@ from optim.factory import param_groups
 from pretrain.config import load_config, resolve_model_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-C4 = [p for p in CONFIGS if p.name.startswith("c4_")]
+C4 = [p for p in CONFIGS if p.name.startswith("llama_")]  # the names DESIGN.md uses
 
 
 def test_the_recipes_are_all_there():
     names = {p.stem for p in CONFIGS}
     assert "tiny_sample" in names
     for size in PAPER_RANK:
-        assert {f"c4_{size}_adamw", f"c4_{size}_subtrack"} <= names
+        assert {f"llama_{size}_adamw", f"llama_{size}_subtrack"} <= names
+    assert "llama_7b_subtrack8bit" in names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -36,7 +37,7 @@ def test_c4_recipe_follows_the_paper_settings(path):
     assert cfg.train.total_batch_size * cfg.data.seq_len == 131072  # 512 sequences, 131k tokens
     assert (cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.grad_clip) == (1000, 10000, 1.0)
     assert cfg.train.dtype == "auto" and cfg.checkpoint.resume == "auto"
-    if method == "subtrack":
+    if method.startswith("subtrack"):
         assert cfg.optim.name == "subtrack++"
         assert (cfg.optim.rank, cfg.optim.update_interval) == PAPER_RANK[size]
         assert (cfg.optim.scale, cfg.optim.step_size) == (0.25, 10000.0)
@@ -47,6 +48,18 @@ def test_c4_recipe_follows_the_paper_settings(path):
         assert [len(g["params"]) for g in groups] == [2 * cfg_layers(cfg) + 3, 7 * cfg_layers(cfg)]
     else:
         assert cfg.optim.name == "adamw" and cfg.optim.lr == 1e-3
+    if method == "subtrack8bit":  # the 7B memory recipe: 8-bit moments, bf16 weights, checkpointing
+        assert cfg.optim.state_bits == 8 and cfg.train.param_dtype == "bfloat16"
+        assert cfg.model.overrides["activation_checkpointing"] is True
+    else:
+        assert cfg.optim.state_bits == 32 and cfg.train.param_dtype == "float32"
+
+
+def test_the_7b_8bit_recipe_on_one_gpu_with_per_layer_updates_validates_as_its_comment_says():
+    path = next(p for p in CONFIGS if p.stem == "llama_7b_subtrack8bit")
+    cfg = load_config(path, ["optim.per_layer=true", "train.grad_clip=0", "train.micro_batch_size=16",
+                             "train.total_batch_size=16"], world_size=1)
+    assert cfg.optim.per_layer and cfg.train.grad_accum_steps(1) == 1
 
 
 def cfg_layers(cfg) -> int:

@@ -253,3 +253,22 @@ def test_subtrack_run_logs_subspace_movement(tmp_path):
     moved = [r for r in read_metrics(run_dir) if "subspace/angle_mean" in r]
     assert moved and all(r["subspace/count"] > 0 for r in moved)  # logged at the steps where it moved
     assert len(moved) < 4  # and only there (every update_interval steps)
+
+
+def test_bfloat16_weights_train_with_float32_optimizer_state(tmp_path):
+    """train.param_dtype=bfloat16: weights and gradients in bf16 (GaLore's 7B setting), SubTrack++
+    bases and low-rank moments of the projected weights in float32; the loss still falls (CPU has
+    no fast bf16: tiny run). The non-projected weights' Adam moments follow the weight dtype, as
+    torch's AdamW does (optim/subtrack.py's choice)."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "train.param_dtype=bfloat16",
+                                              "optim.name=subtrack++", "optim.rank=8", "optim.update_interval=3",
+                                              "train.max_steps=6", "train.eval_batches=1"], world_size=1)
+    summary = train(cfg)
+    assert summary["final_eval_loss"] < summary["first_eval_loss"] - 0.1, summary["evals"]
+    final = load_checkpoint(summary["checkpoint"])
+    assert {t.dtype for t in final["model"].values() if t.is_floating_point()} == {torch.bfloat16}
+    projected = [s for s in final["optimizer"]["state"].values() if "basis" in s]
+    assert projected
+    for s in projected:
+        assert {s[key].dtype for key in ("basis", "exp_avg", "exp_avg_sq")} == {torch.float32}
