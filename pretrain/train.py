@@ -139,11 +139,15 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     tokenizer = build_tokenizer(cfg.data)
     model_cfg = resolve_model_config(cfg, tokenizer.vocab_size)
     tokenizer.check_fits(model_cfg.vocab_size)  # refuse before any step, not with an index error later
-    # bfloat16: pure-bf16 weights and gradients (GaLore's 7B recipe); optimizer bases/state stay float32
-    model = build_model(model_cfg).to(device, dtype=getattr(torch, tc.param_dtype))
     accum = tc.grad_accum_steps(world)
     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: the norm is still measured, not applied
     mode = training_mode(cfg, world)
+    if mode == "per_layer":
+        from optim.per_layer import attach_per_layer_updates, check_per_layer_allowed
+
+        check_per_layer_allowed(accum, world, tc.grad_clip)  # load_config checked already; train(cfg) may skip it
+    # bfloat16: pure-bf16 weights and gradients (GaLore's 7B recipe); optimizer bases/state stay float32
+    model = build_model(model_cfg).to(device, dtype=getattr(torch, tc.param_dtype))
     engine, per_layer = None, None
     if mode in ("sharded", "deepspeed"):  # state sharded by whole matrices; the engine averages gradients itself
         optimizer = build_sharded_optimizer(model, cfg.optim, reduce_gradients=mode == "sharded")
@@ -155,10 +159,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         engine = ds_engine.initialize(model, optimizer, tc.deepspeed, micro_batch_size=tc.micro_batch_size,
                                       grad_accum_steps=accum, gradient_clipping=tc.grad_clip,
                                       tensorboard_dir=str(run_dir / "deepspeed"))
-    if mode == "per_layer":
-        from optim.per_layer import attach_per_layer_updates, check_per_layer_allowed
-
-        check_per_layer_allowed(accum, world, tc.grad_clip)  # load_config checked already; train(cfg) may skip it
+    if mode == "per_layer":  # from here on backward steps the weights
         per_layer = attach_per_layer_updates(model, optimizer)
     forward = engine or model  # the engine's forward runs the model (and DeepSpeed's hooks)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)

@@ -272,3 +272,53 @@ def test_bfloat16_weights_train_with_float32_optimizer_state(tmp_path):
     assert projected
     for s in projected:
         assert {s[key].dtype for key in ("basis", "exp_avg", "exp_avg_sq")} == {torch.float32}
+
+
+PER_LAYER_RUN = ["optim.name=subtrack++", "optim.rank=8", "optim.update_interval=2", "train.max_steps=4",
+                 "train.micro_batch_size=4", "train.grad_clip=0", "train.eval_batches=0"]
+
+
+def test_per_layer_updates_train_exactly_like_the_normal_step(tmp_path):
+    """optim.per_layer steps each weight in its gradient hook during backward; with one rank, no
+    accumulation and no clipping that is the same update as optimizer.step() after backward."""
+    runs = {}
+    for per_layer in (False, True):
+        cfg = load_config(nano_config(tmp_path), [f"log.run_dir={tmp_path / str(per_layer)}",
+                                                  f"optim.per_layer={str(per_layer).lower()}", *PER_LAYER_RUN],
+                          world_size=1)
+        runs[per_layer] = train(cfg)
+    assert runs[True]["mode"] == "per_layer" and runs[False]["mode"] == "replicated"
+    assert runs[True]["train_losses"] == runs[False]["train_losses"]
+    a = load_checkpoint(runs[True]["checkpoint"])
+    b = load_checkpoint(runs[False]["checkpoint"])
+    assert_identical(a["model"], b["model"], "model")
+    assert_identical(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer")
+    norms = {k: [r["grad_norm"] for r in read_metrics(tmp_path / str(k)) if "grad_norm" in r] for k in runs}
+    assert norms[True] == pytest.approx(norms[False], rel=1e-5)  # the hooks measure the same global norm
+
+
+@pytest.mark.parametrize("overrides, world_size, words", [
+    (["train.micro_batch_size=2"], 1, "accumulation"),
+    ([], 2, "world size 2"),
+    (["train.grad_clip=1.0"], 1, "grad_clip"),
+    (["train.deepspeed=configs/deepspeed/zero0.json"], 1, "DeepSpeed"),
+])
+def test_per_layer_refusals_fire_when_the_config_is_loaded(tmp_path, overrides, world_size, words):
+    from pretrain.config import ConfigError
+
+    base = [o for o in PER_LAYER_RUN if not o.startswith("train.micro_batch_size")] + ["train.micro_batch_size=4"]
+    if world_size == 2:
+        base = [o for o in base if not o.startswith("train.micro_batch_size")] + ["train.micro_batch_size=2"]
+    with pytest.raises(ConfigError, match=words):
+        load_config(nano_config(tmp_path), [*base, "optim.per_layer=true", *overrides], world_size=world_size)
+
+
+def test_per_layer_refusal_fires_at_build_before_any_step(tmp_path):
+    """A config changed after load_config (train(cfg) from Python) is still checked before any work."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "optim.per_layer=true", *PER_LAYER_RUN],
+                      world_size=1)
+    cfg.train.grad_clip = 1.0
+    with pytest.raises(ValueError, match="grad_clip"):
+        train(cfg)
+    assert not (run_dir / "metrics.jsonl").exists()
