@@ -81,3 +81,76 @@ def test_rng_state_round_trip_restores_python_numpy_and_torch_streams(tmp_path):
     ckpt.set_rng_state(ckpt.load_checkpoint(path)["trainer"]["rng"])
     got = (random.random(), torch.rand(3), np.random.rand(3))
     assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and (got[2] == expected[2]).all()
+
+
+def _model_and_config(name="subtrack++"):
+    from models.sizes import build_model, get_config
+    from optim.factory import OptimConfig
+
+    torch.manual_seed(0)
+    model = build_model(get_config("nano", vocab_size=64, max_seq_len=8))
+    return model, OptimConfig(name=name, rank=4, update_interval=2)
+
+
+def _stepped(model, optimizer, steps=3):
+    for _ in range(steps):
+        model(torch.randint(0, 64, (2, 8))).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def _by_name(optimizer) -> dict:
+    """Optimizer state keyed by parameter name, whichever kind of optimizer."""
+    if hasattr(optimizer, "save_sharded"):
+        return optimizer.state_dict()["state"]
+    names = [n for g in optimizer.param_groups for n in g["names"]]
+    return {names[i]: s for i, s in optimizer.state_dict()["state"].items()}
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        for key, value in a[name].items():
+            assert torch.equal(value, b[name][key]), (name, key)
+
+
+def test_sharded_optimizer_dir_staged_by_the_ranks_is_renamed_in_with_its_index(tmp_path):
+    from optim.sharded import build_sharded_optimizer
+
+    model, cfg = _model_and_config()
+    optimizer = _stepped(model, build_sharded_optimizer(model, cfg, reduce_gradients=True))
+    with pytest.raises(FileNotFoundError, match="save_sharded"):  # nothing staged yet
+        ckpt.save_checkpoint(tmp_path, 4, model_state={}, model_config={}, optimizer_state=None, trainer_state={},
+                             config_yaml="", keep_last=1)
+    ckpt.prepare_staging(tmp_path, 4)
+    optimizer.save_sharded(str(ckpt.staging_dir(tmp_path, 4) / "optimizer"))
+    path = ckpt.save_checkpoint(tmp_path, 4, model_state=model.state_dict(), model_config={}, optimizer_state=None,
+                                trainer_state={"step": 4}, config_yaml="", keep_last=1)
+    assert sorted(p.name for p in (path / "optimizer").iterdir()) == ["index.json", "rank00000.pt"]
+    assert not ckpt.staging_dir(tmp_path, 4).exists()
+
+
+@pytest.mark.parametrize("saved_sharded, loaded_sharded", [(True, False), (False, True), (True, True)])
+def test_load_optimizer_reads_either_format_into_either_optimizer(tmp_path, saved_sharded, loaded_sharded):
+    """One process <-> sharded: state moves by parameter name, nothing lost or reordered (the
+    2-rank versions run in tests/test_distributed_training.py)."""
+    from optim.factory import build_optimizer
+    from optim.sharded import build_sharded_optimizer
+
+    def make(model, sharded):
+        return build_sharded_optimizer(model, cfg, reduce_gradients=True) if sharded else build_optimizer(model, cfg)
+
+    model, cfg = _model_and_config()
+    saved = _stepped(model, make(model, saved_sharded))
+    if saved_sharded:
+        ckpt.prepare_staging(tmp_path, 3)
+        saved.save_sharded(str(ckpt.staging_dir(tmp_path, 3) / "optimizer"))
+    path = ckpt.save_checkpoint(tmp_path, 3, model_state={}, model_config={},
+                                optimizer_state=None if saved_sharded else saved.state_dict(), trainer_state={},
+                                config_yaml="", keep_last=1)
+    fresh = make(model, loaded_sharded)
+    ckpt.load_optimizer(fresh, path)
+    _assert_same_state(_by_name(fresh), _by_name(saved))
+    assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in saved.param_groups]

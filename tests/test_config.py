@@ -89,6 +89,9 @@ def test_wrong_type_is_a_clear_error(tmp_path, override, words):
     (["data.seq_len=64", "model.max_seq_len=32"], 1, ["max_seq_len = 32", "seq_len = 64"]),
     (["checkpoint.resume=/no/such/checkpoint"], 1, ["/no/such/checkpoint"]),
     (["checkpoint.keep_last=0"], 1, ["keep_last"]),
+    (["train.deepspeed=no/such/ds.json"], 1, ["no/such/ds.json", "configs/deepspeed/zero0.json"]),
+    (["train.replica_check_every=-1"], 1, ["replica_check_every = -1"]),
+    (["train.param_dtype=float16"], 1, ["train.param_dtype", "float16"]),
 ])
 def test_impossible_values_fail_before_any_work(tmp_path, overrides, world_size, words):
     with pytest.raises(ConfigError) as e:
@@ -164,3 +167,17 @@ def test_scheduler_drives_optimizer_lr_and_state_dict_is_plain_numbers():
     torch.save(state, buf)
     buf.seek(0)
     torch.load(buf, weights_only=True)
+
+
+def test_deepspeed_flag_sets_train_deepspeed(tmp_path, monkeypatch):
+    from pretrain import __main__ as cli
+
+    seen = {}
+
+    def fake_train(cfg):  # records the config the CLI built instead of training
+        seen["cfg"] = cfg
+        return {"stopped_by": None}
+
+    monkeypatch.setattr("pretrain.train.train", fake_train)
+    cli.main(["--config", str(write(tmp_path, BASE)), "--deepspeed", "configs/deepspeed/zero0.json"])
+    assert seen["cfg"].train.deepspeed == "configs/deepspeed/zero0.json"

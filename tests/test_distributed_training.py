@@ -174,10 +174,15 @@ def test_weights_are_bit_identical_on_both_ranks_after_every_step(runs):
 
 
 def test_deepspeed_engine_on_two_ranks_matches_the_torchrun_path(runs):
+    """10 steps under the DeepSpeed engine (ZeRO stage 0, the sharded optimizer as its client) with
+    micro batch 1 x 2 accumulation steps per rank: packed rows are consecutive windows of each
+    rank's stream, so every rank sees the same 2 rows per step as in the torchrun run (micro batch
+    2), and the engine's accumulation scaling is exercised too."""
     tmp = runs["tmp"]
     ds = run_distributed(train_in_rank, 2, runs["config"],
                          [f"log.run_dir={tmp / 'ds'}", "train.deepspeed=configs/deepspeed/zero0.json",
-                          "train.steps_per_run=10"], 2, shm_off=True, env={"DS_ACCELERATOR": "cpu"}, timeout=180)
+                          "train.steps_per_run=10", "train.micro_batch_size=1"], 2, shm_off=True,
+                         env={"DS_ACCELERATOR": "cpu"}, timeout=180)
     assert [s["mode"] for s in ds] == ["deepspeed", "deepspeed"] and ds[0]["step"] == 10
     assert ds[0]["weight_checksums"] == ds[1]["weight_checksums"]
     assert ds[0]["train_losses"] == pytest.approx(runs["two"][0]["train_losses"][:10], abs=LOSS_TOL, rel=0)
