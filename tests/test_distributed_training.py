@@ -233,8 +233,10 @@ def test_world_size_change_is_refused_unless_allowed(runs, monkeypatch):
 
 def test_world_size_change_remaps_the_data_position_and_the_loss_continues(runs, monkeypatch, capsys):
     """2 -> 1 with the real loader: the data position is remapped (data.loader.remap_train_state),
-    so steps 11..20 see other documents than the 2-rank run and their losses differ by batch
-    noise only; a fresh model would sit near ln(vocab) ~ 9."""
+    so steps 11..20 see other documents than the 2-rank run (one stream of consecutive lines
+    instead of two of alternate lines) and their losses differ by batch noise: measured mean
+    gap 0.12 nats, per step -0.14..0.42. A model that lost its weights would restart near the
+    first step's loss (~9.0), 1.3 nats above."""
     resumed = train_one_process(runs["config"], [f"log.run_dir={runs['tmp'] / 'remapped'}",
                                                  f"checkpoint.resume={runs['two_dir'] / 'checkpoints' / STEP10}",
                                                  "checkpoint.allow_world_size_change=true"],
@@ -244,7 +246,8 @@ def test_world_size_change_remaps_the_data_position_and_the_loss_continues(runs,
     after, uninterrupted = resumed["train_losses"], runs["two"][0]["train_losses"][10:]
     assert len(after) == 10
     mean_gap = abs(sum(after) - sum(uninterrupted)) / 10
-    assert mean_gap < 0.15, (after, uninterrupted)
+    assert mean_gap < 0.25, (after, uninterrupted)
+    assert max(after) < runs["two"][0]["train_losses"][0] - 0.5  # trained weights, not a fresh start
 
 
 def test_remap_starts_every_new_stream_at_the_furthest_saved_position_without_buffers():
