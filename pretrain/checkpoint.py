@@ -167,9 +167,9 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike, ma
         hyper = [{k: v for k, v in g.items() if k not in ("params", "names", "param_names")}
                  for g in plain["param_groups"]]
         optimizer.load_state_dict({"state": {names[i]: s for i, s in plain["state"].items()}, "param_groups": hyper})
-        return "one-process state split by parameter name"
+        return "one full optimizer state, split by parameter name"
     optimizer.load_state_dict(plain)
-    return "one-process state"
+    return "one full optimizer state"
 
 
 def _index_keyed(optimizer: torch.optim.Optimizer, by_name: dict, saved_groups: list[dict]) -> dict:
