@@ -90,6 +90,12 @@ def read_metrics(run_dir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def steps_logged(run_dir) -> int:
+    """Complete lines in metrics.jsonl so far (the run may be writing the next one right now)."""
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
 def subspace_counts(run_dir) -> dict[int, float]:
     """step -> number of matrices whose subspace moved at that step (summed over the owners)."""
     return {r["step"]: r["subspace/count"] for r in read_metrics(run_dir) if "subspace/count" in r}
@@ -287,7 +293,7 @@ def test_sigusr1_to_one_rank_saves_on_both_and_a_restarted_job_continues(tmp_pat
              for rank in range(2)]
     try:
         deadline = time.monotonic() + 120
-        while not (run_dir / "metrics.jsonl").exists() or len(read_metrics(run_dir)) < 2:
+        while steps_logged(run_dir) < 2:
             assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.2)
