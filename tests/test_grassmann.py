@@ -9,15 +9,6 @@ from optim.reference import exp_map
 from optim.subtrack import SubTrackAdamW
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small matrices: threads only add contention on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def orthonormal(m, r, generator=None, dtype=torch.float32):
     return torch.linalg.qr(torch.randn(m, r, generator=generator, dtype=dtype))[0]
 

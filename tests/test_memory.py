@@ -15,15 +15,6 @@ from pretrain.bench import memory as bench_memory
 V = 1000  # a small vocabulary keeps the nano model's step at a few MB
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread avoids oversubscribing a shared CPU (10x slower there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_low_rank_state_closed_form_512x1376_rank_128():
     """SubTrack++ state for a 512 x 1376 weight at r = 128: 2 r 1376 + 512 r floats (left side);
     the transposed weight uses the right side with the same count; 8-bit moments take one byte

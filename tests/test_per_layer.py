@@ -22,14 +22,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch(step):
     g = torch.Generator().manual_seed(100 + step)
     tokens = torch.randint(0, VOCAB, (2, 17), generator=g)

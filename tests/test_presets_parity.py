@@ -14,14 +14,6 @@ fira = pytest.importorskip("fira")
 STEPS, INTERVAL, RANK = 50, 20, 8  # refreshes at steps 20 and 40 after the first SVD
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def nano(seed=0):
     """nano Llama: q/k/v/o (64, 64) and gate/up (176, 64) project right, down (64, 176) left."""
     torch.manual_seed(seed)

@@ -11,15 +11,6 @@ from optim import quant8
 N = quant8.BLOCKSIZE * 1024  # 1024 blocks per case keeps each test well under a second
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread avoids oversubscribing a shared CPU (10x slower there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(seed: int) -> dict[str, tuple[torch.Tensor, bool]]:
     """name -> (x, signed): the distributions moments take (first moments of either sign, second moments >= 0)."""
     g = torch.Generator().manual_seed(seed)

@@ -166,16 +166,8 @@ def single_process(preset, tmp):
     return ref, ckpt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only contend with the ranks
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, one_thread):
+def two_ranks(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("sharded"))
     refs, single_ckpt = {}, {}
     for preset in CONFIGS:

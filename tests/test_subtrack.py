@@ -12,14 +12,6 @@ from optim.reference import ReferenceSubTrack
 from optim.subtrack import SubTrackAdamW
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TwoLayer(nn.Module):
     """Llama-named linears: down_proj is (24, 40) (left projection), up_proj (40, 24) (right)."""
 
