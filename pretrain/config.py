@@ -120,6 +120,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
     world_size: used to check that the global batch divides evenly (default: from the launcher's
     environment, 1 when not launched distributed).
+    optim.rank / optim.update_interval left unset take the paper's values for model.size
+    (fill_paper_rank).
     """
     raw: dict = {}
     name = "run"
@@ -139,6 +141,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         from pretrain.distributed import env_world_size
 
         world_size = env_world_size()
+    fill_paper_rank(raw)
     cfg = build_config(raw)
     validate(cfg, world_size)
     return cfg
@@ -161,6 +164,39 @@ def apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def fill_paper_rank(raw: dict) -> None:
+    """optim.rank and optim.update_interval, when absent or null, become the paper's values for
+    model.size (models.sizes.PAPER_RANK: 60m (128, 200) ... 7b (1024, 500)), in place.
+
+    A size outside the table (nano, 9m, 20m, 35m) has no paper value: a projected preset must then
+    set both keys (ConfigError); adamw does not use them and keeps the OptimConfig default.
+    Works on the raw mapping so an explicit value is told apart from a dataclass default.
+    """
+    from models.sizes import PAPER_RANK
+    from optim.factory import PRESETS, OptimConfig
+
+    model, optim = raw.get("model") or {}, raw.setdefault("optim", {})
+    if optim is None:
+        optim = raw["optim"] = {}
+    if not isinstance(model, dict) or not isinstance(optim, dict):
+        return  # build_config names the malformed section
+    size, name = model.get("size", ModelSection.size), optim.get("name", OptimConfig.name)
+    if name not in PRESETS:
+        return  # OptimConfig names the unknown preset
+    examples = {"rank": "a quarter of hidden_size", "update_interval": "200, the paper's for 60m-3b"}
+    for index, key in enumerate(("rank", "update_interval")):
+        if optim.get(key) is not None:
+            continue  # an explicit value wins
+        if size in PAPER_RANK:
+            optim[key] = PAPER_RANK[size][index]
+        elif PRESETS[name] is not None:
+            raise ConfigError(f"optim.{key} is not set and model.size {size!r} has no paper value (the paper "
+                              f"table covers {', '.join(PAPER_RANK)}); set optim.{key} (e.g. {examples[key]}) "
+                              f"for optim.name {name!r}")
+        else:
+            optim.pop(key, None)  # adamw ignores it: the OptimConfig default
 
 
 def build_config(raw: dict) -> RunConfig:
@@ -346,9 +382,30 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError(f"model.max_seq_len = {max_seq_len} is shorter than data.seq_len = {seq_len}; "
                           "raise model.max_seq_len or drop it (it defaults to data.seq_len)")
     try:  # the model's own checks (heads divide hidden size, ...), with a stand-in vocabulary
-        resolve_model_config(cfg, tokenizer_vocab_size=64)
+        model = resolve_model_config(cfg, tokenizer_vocab_size=64)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    check_rank_fits(cfg, model)
+
+
+def check_rank_fits(cfg: RunConfig, model) -> None:
+    """A projected preset's optim.rank is set and at most min(m, n) of every projected weight:
+    q, o (hidden, hidden), k, v (kv_heads * head_dim, hidden), gate, up, down (intermediate, hidden)."""
+    from optim.factory import PRESETS
+
+    name = getattr(cfg.optim, "name", "adamw")
+    if PRESETS.get(name) is None:
+        return  # adamw projects nothing
+    for key in ("rank", "update_interval"):
+        if getattr(cfg.optim, key, None) is None:
+            raise ConfigError(f"optim.{key} is not set for optim.name {name!r}; set optim.{key}")
+    limits = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
+              "num_kv_heads x head_dim": model.num_kv_heads * model.head_dim}
+    bound, limit = min((v, k) for k, v in limits.items())
+    if cfg.optim.rank > bound:
+        raise ConfigError(f"optim.rank = {cfg.optim.rank} exceeds the smallest side of the projected weights, "
+                          f"{limit} = {bound} (model.size {cfg.model.size!r}); set optim.rank <= {bound} "
+                          f"(e.g. {max(1, model.hidden_size // 4)}, a quarter of hidden_size)")
 
 
 # ----------------------------------------------------------------------------- model and serialisation

@@ -181,3 +181,73 @@ def test_deepspeed_flag_sets_train_deepspeed(tmp_path, monkeypatch):
     monkeypatch.setattr("pretrain.train.train", fake_train)
     cli.main(["--config", str(write(tmp_path, BASE)), "--deepspeed", "configs/deepspeed/zero0.json"])
     assert seen["cfg"].train.deepspeed == "configs/deepspeed/zero0.json"
+
+
+# ----------------------------------------------------------------------------- rank and update interval
+
+@pytest.mark.parametrize("size, method, expected", [("60m", "adamw", (128, 200)), ("60m", "subtrack++", (128, 200)),
+                                                    ("7b", "subtrack++", (1024, 500)), ("7b", "galore", (1024, 500))])
+def test_unset_rank_and_interval_take_the_paper_value_for_the_size(tmp_path, size, method, expected):
+    cfg = load_config(write(tmp_path, BASE), [f"model.size={size}", f"optim.name={method}"], world_size=1)
+    assert (cfg.optim.rank, cfg.optim.update_interval) == expected
+    cfg = load_config(write(tmp_path, BASE), [f"model.size={size}", f"optim.name={method}", "optim.rank=null",
+                                              "optim.update_interval=null"], world_size=1)  # null means unset too
+    assert (cfg.optim.rank, cfg.optim.update_interval) == expected
+
+
+def test_explicit_rank_and_interval_win_over_the_paper_value(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["model.size=7b", "optim.name=subtrack++", "optim.rank=64"], world_size=1)
+    assert (cfg.optim.rank, cfg.optim.update_interval) == (64, 500)  # the unset one still takes the table's
+    cfg = load_config(write(tmp_path, BASE), ["model.size=60m", "optim.name=subtrack++", "optim.update_interval=7"],
+                      world_size=1)
+    assert (cfg.optim.rank, cfg.optim.update_interval) == (128, 7)
+
+
+@pytest.mark.parametrize("size", ["nano", "9m", "35m"])
+@pytest.mark.parametrize("missing", ["rank", "update_interval"])
+def test_size_without_paper_value_and_a_projected_preset_must_set_rank_and_interval(tmp_path, size, missing):
+    given = {"rank": "optim.rank=16", "update_interval": "optim.update_interval=50"}
+    given.pop(missing)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), [f"model.size={size}", "optim.name=subtrack++", *given.values()],
+                    world_size=1)
+    assert f"optim.{missing} is not set" in str(e.value) and repr(size) in str(e.value)
+    assert f"set optim.{missing} (e.g." in str(e.value)
+    load_config(write(tmp_path, BASE), [f"model.size={size}", "optim.name=adamw"], world_size=1)  # adamw needs neither
+
+
+@pytest.mark.parametrize("overrides, value, limit", [
+    (["model.size=nano", "optim.rank=65"], 65, "hidden_size = 64"),
+    (["model.size=60m"] + [f"model.{k}={v}" for k, v in (("num_heads", 8), ("num_kv_heads", 1))] + ["optim.rank=128"],
+     128, "num_kv_heads x head_dim = 64"),  # grouped-query k/v: (64, 512)
+    (["model.size=nano", "model.intermediate_size=32", "optim.rank=48"], 48, "intermediate_size = 32"),
+])
+def test_rank_larger_than_the_model_is_refused_at_config_time(tmp_path, overrides, value, limit):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), [*overrides, "optim.name=subtrack++", "optim.update_interval=10"],
+                    world_size=1)
+    assert f"optim.rank = {value}" in str(e.value) and limit in str(e.value)
+    assert "set optim.rank <=" in str(e.value)
+
+
+def test_activation_checkpointing_reaches_the_built_model_and_recomputes_blocks(tmp_path, monkeypatch):
+    import torch
+
+    import models.llama
+    from models.sizes import build_model
+
+    cfg = load_config(write(tmp_path, BASE), ["model.activation_checkpointing=true"], world_size=1)
+    model = build_model(resolve_model_config(cfg, tokenizer_vocab_size=64))
+    assert model.cfg.activation_checkpointing is True
+    calls, real = [], models.llama.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models.llama, "checkpoint", counting_checkpoint)
+    model.train()
+    model(torch.randint(0, 64, (1, 8))).sum().backward()
+    assert calls == list(model.layers)  # every block ran under torch.utils.checkpoint
+    off = load_config(write(tmp_path, BASE), world_size=1)
+    assert build_model(resolve_model_config(off, tokenizer_vocab_size=64)).cfg.activation_checkpointing is False
