@@ -10,6 +10,10 @@ from pretrain.config import load_config, resolve_model_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 C4 = [p for p in CONFIGS if p.name.startswith("llama_")]  # the names DESIGN.md uses
+# Sequences per forward/backward on one GPU, by size (the recipes' comments give the accumulation).
+MICRO_BATCH = {"60m": 128, "130m": 128, "350m": 64, "1b": 8, "3b": 8, "7b": 4}
+# SubTrack++ learning rate as shipped: GaLore's 1e-2 for 60m-1b, its 7b recipe's 5e-3 for 3b and 7b.
+SUBTRACK_LR = {"60m": 1e-2, "130m": 1e-2, "350m": 1e-2, "1b": 1e-2, "3b": 5e-3, "7b": 5e-3}
 
 
 def test_the_recipes_are_all_there():
@@ -37,8 +41,9 @@ def test_c4_recipe_follows_the_paper_settings(path):
     assert cfg.train.total_batch_size * cfg.data.seq_len == 131072  # 512 sequences, 131k tokens
     assert (cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.grad_clip) == (1000, 10000, 1.0)
     assert cfg.train.dtype == "auto" and cfg.checkpoint.resume == "auto"
+    assert cfg.train.micro_batch_size == MICRO_BATCH[size]
     if method.startswith("subtrack"):
-        assert cfg.optim.name == "subtrack++"
+        assert cfg.optim.name == "subtrack++" and cfg.optim.lr == SUBTRACK_LR[size]
         assert (cfg.optim.rank, cfg.optim.update_interval) == PAPER_RANK[size]
         assert (cfg.optim.scale, cfg.optim.step_size) == (0.25, 10000.0)
         # The projected weights accept the rank (checked on a meta-device model: nothing allocated).
