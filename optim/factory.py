@@ -25,6 +25,7 @@ PRESETS: dict[str, dict | None] = {
 SUBSPACE_RULES = ("svd", "grassmann")
 MOMENT_RULES = ("rotate", "keep", "reset")
 RESIDUAL_RULES = ("recover", "drop")
+BASIS_DTYPES = ("float32", "bfloat16")
 
 # Attention q/k/v/o and MLP gate/up/down weights are projected (names as docs/architecture.md).
 PROJECTED_NAME = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -35,6 +36,8 @@ class OptimConfig:
     """The `optim` section of a run config.
 
     name: adamw | galore | fira | subtrack | subtrack++.
+    rank / update_interval: None = not set; the run config fills them from the paper's value for
+        the model size (models.PAPER_RANK), and a projected preset refuses to build without them.
     subspace / moments / residual: None takes the preset's choice; a value overrides it.
     step_size: eta (angle = eta * sigma) or "auto" (closed-form best angle, times auto_damping).
     recovery_scaled_back: True follows the published Fira / SubTrack++ code (residual
@@ -42,6 +45,7 @@ class OptimConfig:
     rotate_compat: True reproduces the published SubTrack++ moment rotation (abs() and an extra
         (1 - beta2) on V); False follows the derivation (clip at 0).
     state_bits: 32, or 8 for blockwise 8-bit moments (optim/quant8.py; any preset).
+    basis_dtype: "float32" or "bfloat16", the storage dtype of the bases S / P (their math stays float32).
     per_layer: step each weight in its post-accumulate-grad hook and free its gradient at once
         (optim/per_layer.py; the training loop attaches it: one rank, no accumulation, no clipping).
     """
@@ -51,8 +55,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
     weight_decay: float = 0.0
-    rank: int = 128
-    update_interval: int = 200
+    rank: int | None = None
+    update_interval: int | None = None
     scale: float = 0.25
     step_size: float | str = 10000.0
     subspace: str | None = None
@@ -60,6 +64,7 @@ class OptimConfig:
     residual: str | None = None
     accumulate: bool = False
     state_bits: int = 32
+    basis_dtype: str = "float32"
     auto_damping: float = 1.0
     max_angle: float | None = None
     limiter: float = 1.01
@@ -79,10 +84,10 @@ class OptimConfig:
             raise ValueError(f"optim.eps {self.eps} must be positive")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay {self.weight_decay} must be >= 0")
-        if int(self.rank) != self.rank or self.rank < 1:
-            raise ValueError(f"optim.rank {self.rank} must be a positive integer")
-        if int(self.update_interval) != self.update_interval or self.update_interval < 1:
-            raise ValueError(f"optim.update_interval {self.update_interval} must be a positive integer")
+        for key in ("rank", "update_interval"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise ValueError(f"optim.{key} {value} must be a positive integer (or null for the paper's value)")
         if not self.scale > 0:
             raise ValueError(f"optim.scale {self.scale} must be positive")
         if isinstance(self.step_size, str) and self.step_size != "auto":
@@ -99,6 +104,8 @@ class OptimConfig:
                                  "(or null for the preset's)")
         if self.state_bits not in (32, 8):
             raise ValueError(f"optim.state_bits {self.state_bits} must be 32 or 8")
+        if self.basis_dtype not in BASIS_DTYPES:
+            raise ValueError(f"optim.basis_dtype {self.basis_dtype!r} is unknown; choose one of {list(BASIS_DTYPES)}")
         if not 0 < self.auto_damping <= 1:
             raise ValueError(f"optim.auto_damping {self.auto_damping} must be in (0, 1]")
         if self.max_angle is not None and not self.max_angle > 0:
@@ -167,9 +174,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
                                  weight_decay=cfg.weight_decay)
     from optim.subtrack import SubTrackAdamW
 
+    for key in ("rank", "update_interval"):
+        if getattr(cfg, key) is None:
+            raise ValueError(f"optim.{key} is not set and model size has no paper default; set optim.{key} "
+                             f"(optimizer {cfg.name!r} projects gradients and needs it)")
     groups = param_groups(model, rank=cfg.rank, update_interval=cfg.update_interval, scale=cfg.scale,
                           step_size=cfg.step_size, accumulate=cfg.accumulate, auto_damping=cfg.auto_damping,
-                          max_angle=cfg.max_angle, limiter=cfg.limiter,
+                          max_angle=cfg.max_angle, limiter=cfg.limiter, basis_dtype=cfg.basis_dtype,
                           recovery_scaled_back=cfg.recovery_scaled_back, rotate_compat=cfg.rotate_compat, **choices)
     return SubTrackAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                          state_bits=cfg.state_bits)

@@ -10,7 +10,8 @@ A param group with a `rank` key is projected (galore-torch's keys `rank`, `updat
 
 and `step_size` (eta or "auto"), `auto_damping`, `max_angle`, `accumulate`, `limiter` (1.01),
 `recovery_scaled_back` (True: residual G - scale*back(R) as the published code; False: exact),
-`rotate_compat` (True: the published SubTrack++ V rotation). Other groups are plain AdamW.
+`rotate_compat` (True: the published SubTrack++ V rotation), `basis_dtype` ("float32" or
+"bfloat16": how the basis is stored). Other groups are plain AdamW.
 
 The Adam arithmetic (bias correction folded into the step size, eps added to sqrt(V), weight
 decay after the update) follows galore-torch / fira so the presets reproduce them. The math of
@@ -18,7 +19,12 @@ the subspace lives in optim/grassmann.py; this file only schedules it and keeps 
 
 State per projected weight (tensors only, created when the group is added):
     step, moment_step (int64, CPU)  steps taken; steps since the moments were (re)started
-    basis (float32)                 S: (m, r) or P: (r, n); zeros until the first step
+    basis (float32 | bfloat16)      S: (m, r) or P: (r, n); zeros until the first step. Stored in
+                                    the group's basis_dtype; every use upcasts it to float32 and a
+                                    new basis is rounded once when stored. In bf16, S^T S = I holds
+                                    only to bf16 rounding (~1e-2) and the rounding of successive
+                                    stores may add up over many updates; nothing re-orthonormalises
+                                    the basis (a QR after each store would).
     exp_avg, exp_avg_sq (float32)   Adam moments of the low-rank gradient
                                     (float32 for any weight dtype but float64, which keeps float64)
     limiter_norm (float32, 0-d)     last limited norm of the recovery term (-1: none yet)
@@ -32,10 +38,14 @@ more blockwise in 8 bits (optim/quant8.py): exp_avg / exp_avg_sq become uint8 co
 shape plus exp_avg_absmax / exp_avg_sq_absmax (float32, one per 256 elements). Projected moments
 are dequantized, updated (and rotated at a subspace move) in float32 and quantized again each
 step; plain groups use bitsandbytes' fused 8-bit AdamW (its weight decay comes before the update).
-The basis stays float32. Codes and absmax are saved and loaded as they are.
+The basis keeps its basis_dtype. Codes and absmax are saved and loaded as they are.
+
+Every subspace update's angle is logged with the weight's name (the group's `names`) at DEBUG
+level on this module's logger; `pop_subspace_stats()` sums them up for the training log.
 """
 from __future__ import annotations
 
+import logging
 import math
 from itertools import chain
 
@@ -58,8 +68,11 @@ PROJECTED_DEFAULTS = {
     "limiter": 1.01,
     "recovery_scaled_back": True,
     "rotate_compat": False,
+    "basis_dtype": "float32",
 }
-CHOICES = {"subspace": ("grassmann", "svd"), "moments": ("rotate", "keep", "reset"), "residual": ("recover", "drop")}
+CHOICES = {"subspace": ("grassmann", "svd"), "moments": ("rotate", "keep", "reset"), "residual": ("recover", "drop"),
+           "basis_dtype": ("float32", "bfloat16")}
+logger = logging.getLogger(__name__)
 
 
 class SubTrackAdamW(torch.optim.Optimizer):
@@ -134,8 +147,10 @@ class SubTrackAdamW(torch.optim.Optimizer):
         low = (r, n) if side == gm.LEFT else (m, r)
         # float32 whatever the weight dtype (float64 weights keep float64 state, for references).
         f32 = {"dtype": torch.promote_types(p.dtype, torch.float32), "device": p.device}
+        basis_dtype = torch.bfloat16 if group["basis_dtype"] == "bfloat16" else f32["dtype"]
         state["moment_step"] = count()
-        state["basis"] = gm.column_major(torch.zeros((m, r) if side == gm.LEFT else (r, n), **f32))
+        state["basis"] = gm.column_major(torch.zeros((m, r) if side == gm.LEFT else (r, n), dtype=basis_dtype,
+                                                     device=p.device))
         if group["state_bits"] == 8:
             quant8.init_moment(state, "exp_avg", low, p.device, 8)
             quant8.init_moment(state, "exp_avg_sq", low, p.device, 8)
@@ -172,21 +187,33 @@ class SubTrackAdamW(torch.optim.Optimizer):
         quant8.write_moment(state, "exp_avg_sq", exp_avg_sq, signed=False)
 
     # ----------------------------------------------------------------- subspace
+    @staticmethod
+    def _basis(state: dict) -> torch.Tensor:
+        """The basis in the math dtype (the moments' float32): the stored tensor itself when it is
+        float32, a float32 copy of a bfloat16 one. Same column-major layout either way."""
+        return state["basis"].to(state["angle"].dtype)
+
+    @staticmethod
+    def _store_basis(state: dict, basis: torch.Tensor) -> None:
+        """Keep `basis` (float32) in the stored dtype; .to() keeps the column-major strides."""
+        state["basis"] = basis.to(state["basis"].dtype)
+
     def move_basis(self, state: dict, group: dict, new_basis: torch.Tensor, side: str) -> None:
         """Replace the basis and carry the moments across by the group's `moments` rule."""
-        old = state["basis"]
+        old = self._basis(state)
         if group["moments"] == "rotate":
             exp_avg, exp_avg_sq = self._load_moments(state)
             compat = group["betas"][1] if group["rotate_compat"] else None
             Q = gm.basis_change(old, new_basis, side)
             self._store_moments(state, *gm.rotate_moments(exp_avg, exp_avg_sq, Q, side, compat))
         elif group["moments"] == "reset":
-            zeros = torch.zeros(state["exp_avg"].shape, dtype=state["basis"].dtype, device=state["basis"].device)
+            zeros = torch.zeros(state["exp_avg"].shape, dtype=state["angle"].dtype, device=state["basis"].device)
             self._store_moments(state, zeros, zeros)
             state["moment_step"].zero_()
-        state["basis"] = new_basis
+        self._store_basis(state, new_basis)
 
-    def _update_subspace(self, state: dict, group: dict, G: torch.Tensor, side: str, t: int) -> None:
+    def _update_subspace(self, p: torch.Tensor, state: dict, group: dict, G: torch.Tensor, side: str, t: int
+                         ) -> None:
         """Compute the first basis (t = 0) or move it (every update_proj_gap steps)."""
         if group["accumulate"]:
             state["grad_sum"].add_(G)
@@ -195,22 +222,32 @@ class SubTrackAdamW(torch.optim.Optimizer):
         if not first and t % group["update_proj_gap"] != 0:
             return
         if first:
-            state["basis"] = gm.initial_basis(G, group["rank"], side)
+            self._store_basis(state, gm.initial_basis(G, group["rank"], side))
         else:
             G_sub = state["grad_sum"] / int(state["grad_count"]) if group["accumulate"] else G
+            basis = self._basis(state)
             if group["subspace"] == "svd":
                 new_basis = gm.initial_basis(G_sub, group["rank"], side)
-                angle = gm.largest_principal_angle(state["basis"], new_basis, side)
+                angle = gm.largest_principal_angle(basis, new_basis, side)
             else:
-                new_basis, angle = gm.grassmann_update(state["basis"], G_sub, side, group["step_size"],
+                new_basis, angle = gm.grassmann_update(basis, G_sub, side, group["step_size"],
                                                        group["auto_damping"], group["max_angle"])
             self.move_basis(state, group, new_basis, side)
             state["angle"] = angle.detach().to(state["angle"].dtype).reshape(())
             self._angles.append(state["angle"].abs())
+            if logger.isEnabledFor(logging.DEBUG):  # float() syncs the device: only when asked for
+                logger.debug("subspace update of %s at step %d: angle %.6g rad", self._name_of(p, group), t,
+                             float(state["angle"]))
         if group["accumulate"]:
             state["grad_sum"].zero_()
             state["grad_count"].zero_()
         state["subspace_updates"].add_(1)
+
+    @staticmethod
+    def _name_of(p: torch.Tensor, group: dict) -> str:
+        index = next(i for i, q in enumerate(group["params"]) if q is p)
+        names = group.get("names")
+        return names[index] if names else f"parameter {index} of a projected group"
 
     def pop_subspace_stats(self) -> dict[str, float]:
         """Subspace updates since the last call: count, mean and max |angle| (radians); clears them."""
@@ -292,9 +329,9 @@ class SubTrackAdamW(torch.optim.Optimizer):
         state = self.state[p]
         beta1, beta2 = group["betas"]
         side = gm.projection_side(tuple(p.shape), group["proj_type"])
-        G = p.grad.to(state["basis"].dtype)
-        self._update_subspace(state, group, G, side, int(state["step"]))
-        basis = state["basis"]
+        G = p.grad.to(state["angle"].dtype)  # the math dtype: float32 (float64 for float64 weights)
+        self._update_subspace(p, state, group, G, side, int(state["step"]))
+        basis = self._basis(state)
         R = gm.project(G, basis, side)
 
         exp_avg, exp_avg_sq = self._load_moments(state)

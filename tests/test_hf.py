@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
+import transformers
 
 from models import build_model, get_config
 from models.hf import export_checkpoint, from_hf_config, import_hf, to_hf_config
 from models.hf import main as hf_main
-
-transformers = pytest.importorskip("transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 512

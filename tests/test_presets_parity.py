@@ -1,15 +1,14 @@
 """The presets reproduce the published packages: galore-torch's GaLoreAdamW, fira's FiraAdamW, torch's AdamW."""
 import warnings
 
+import fira
+import galore_torch
 import pytest
 import torch
 
 from models import build_model
 from optim import OptimConfig, build_optimizer, param_groups
 from optim import grassmann as gm
-
-galore_torch = pytest.importorskip("galore_torch")
-fira = pytest.importorskip("fira")
 
 STEPS, INTERVAL, RANK = 50, 20, 8  # refreshes at steps 20 and 40 after the first SVD
 
@@ -122,7 +121,7 @@ def test_adamw_preset_equals_torch_adamw():
                                            ("fira", ("svd", "keep", "recover"))])
 def test_presets_project_attention_and_mlp_weights_with_their_three_choices(name, choices):
     model = nano()
-    opt = build_optimizer(model, OptimConfig(name=name, rank=RANK, step_size="auto"))
+    opt = build_optimizer(model, OptimConfig(name=name, rank=RANK, update_interval=INTERVAL, step_size="auto"))
     plain, projected = opt.param_groups
     assert (projected["subspace"], projected["moments"], projected["residual"]) == choices
     assert projected["step_size"] == "auto" and projected["scale"] == 0.25 and projected["rank"] == RANK
@@ -132,7 +131,7 @@ def test_presets_project_attention_and_mlp_weights_with_their_three_choices(name
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
     assert {"embed_tokens.weight", "lm_head.weight", "norm.weight"} <= set(plain["names"])
     # An override of one choice replaces the preset's.
-    opt = build_optimizer(model, OptimConfig(name=name, rank=RANK, moments="reset"))
+    opt = build_optimizer(model, OptimConfig(name=name, rank=RANK, update_interval=INTERVAL, moments="reset"))
     assert opt.param_groups[-1]["moments"] == "reset"
 
 
@@ -141,7 +140,22 @@ def test_presets_project_attention_and_mlp_weights_with_their_three_choices(name
                                              ({"moments": "rotated"}, "optim.moments 'rotated' is unknown"),
                                              ({"rank": 0}, "optim.rank 0"),
                                              ({"state_bits": 4}, "optim.state_bits 4"),
+                                             ({"update_interval": 2.5}, "optim.update_interval 2.5"),
+                                             ({"basis_dtype": "float16"}, "optim.basis_dtype 'float16' is unknown"),
                                              ({"betas": (0.9, 1.5)}, r"optim.betas \(0.9, 1.5\)")])
 def test_optim_config_refuses_bad_values_naming_them(fields, message):
     with pytest.raises(ValueError, match=message):
         OptimConfig(**fields)
+
+
+@pytest.mark.parametrize("unset", ["rank", "update_interval"])
+def test_projected_preset_without_rank_or_interval_is_refused_and_adamw_needs_neither(unset):
+    """None (the default) means "the paper's value for the model size", which the run config fills
+    in; a projected preset still without one must not fall back on a silent default."""
+    assert OptimConfig().rank is None and OptimConfig().update_interval is None
+    fields = {"rank": RANK, "update_interval": INTERVAL, unset: None}
+    with pytest.raises(ValueError, match=f"optim.{unset} is not set and model size has no paper default; "
+                                         f"set optim.{unset}"):
+        build_optimizer(nano(), OptimConfig(name="subtrack++", **fields))
+    assert isinstance(build_optimizer(nano(), OptimConfig(name="adamw")), torch.optim.AdamW)
+    assert len(param_groups(nano())) == 1  # rank None: nothing projected

@@ -194,17 +194,8 @@ def test_keep_state_dtypes_on_load_keeps_float32_absmax_beside_bf16_weights():
 
 
 # ---------------------------------------------------------------------------------------------
-# SubTrackAdamW with state_bits=8 (issue 5). Skipped until optim/subtrack.py takes `state_bits`.
+# SubTrackAdamW with state_bits=8 (issue 5).
 # ---------------------------------------------------------------------------------------------
-
-def _require_8bit_subtrack():
-    import inspect
-
-    from optim.subtrack import SubTrackAdamW
-
-    if "state_bits" not in inspect.signature(SubTrackAdamW).parameters:
-        pytest.skip("SubTrackAdamW has no state_bits yet (8-bit integration of issue 5 not merged)")
-
 
 VOCAB = 256
 
@@ -258,7 +249,6 @@ def test_8bit_subtrack_loss_curve_within_margin_of_32bit_over_200_steps_and_stat
     (measured: at most 0.008 here; 0.013 on the 9m model with the default threshold), with 7
     subspace moves (rotation of the 8-bit moments); projected moment bytes of the 8-bit run
     <= 30% of the 32-bit run's, from the actual tensors (0.254)."""
-    _require_8bit_subtrack()
     losses32, _, opt32 = _train_nano(32, 200)
     losses8, _, opt8 = _train_nano(8, 200)
     windows = [(sum(losses8[i:i + 20]) - sum(losses32[i:i + 20])) / 20 for i in range(0, 200, 20)]
@@ -273,7 +263,6 @@ def test_8bit_subtrack_loss_curve_within_margin_of_32bit_over_200_steps_and_stat
 def test_8bit_subtrack_checkpoint_resumes_bit_exactly(small_8bit_threshold):
     """Save after 30 steps (past a subspace move), load into a fresh optimizer with
     weights_only=True, continue 10 steps: identical to the uninterrupted run."""
-    _require_8bit_subtrack()
     import torch.nn.functional as F
 
     from models import build_model
@@ -312,7 +301,6 @@ def test_8bit_subtrack_checkpoint_resumes_bit_exactly(small_8bit_threshold):
 def test_adamw_preset_with_8bit_state_equals_bitsandbytes_adamw8bit():
     """optim.name adamw + state_bits 8: bitsandbytes' AdamW8bit update on every weight, 8-bit
     state from 4096 elements on and its 32-bit kernel below, bit for bit."""
-    _require_8bit_subtrack()
     import torch.nn.functional as F
 
     from models import build_model
