@@ -243,16 +243,22 @@ def test_deepspeed_local_rank_argument_sets_local_rank(tmp_path, monkeypatch):
     assert code == 2 and os.environ["LOCAL_RANK"] == "3"
 
 
-def test_subtrack_run_logs_subspace_movement(tmp_path):
+def test_subtrack_run_logs_subspace_movement_at_the_update_steps(tmp_path):
+    """update_interval 2: the first step sets the subspaces up, then every projected matrix
+    (q, k, v, o, gate, up, down of each layer) moves at steps 3 and 5, and at no other step."""
+    from models.sizes import SIZES
+
     run_dir = tmp_path / "run"
     cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "optim.name=subtrack++", "optim.rank=8",
-                                              "optim.update_interval=2", "train.max_steps=4", "train.eval_batches=0"],
+                                              "optim.update_interval=2", "train.max_steps=6", "train.eval_batches=0"],
                       world_size=1)
     summary = train(cfg)
     assert all(math.isfinite(loss) for loss in summary["train_losses"])
-    moved = [r for r in read_metrics(run_dir) if "subspace/angle_mean" in r]
-    assert moved and all(r["subspace/count"] > 0 for r in moved)  # logged at the steps where it moved
-    assert len(moved) < 4  # and only there (every update_interval steps)
+    moved = {r["step"]: r for r in read_metrics(run_dir) if "subspace/count" in r}
+    projected = 7 * SIZES["nano"].num_layers
+    assert {step: r["subspace/count"] for step, r in moved.items()} == {3: projected, 5: projected}
+    for r in moved.values():  # a real rotation: some basis turned by a positive angle
+        assert r["subspace/angle_max"] > 0 and 0 < r["subspace/angle_mean"] <= r["subspace/angle_max"]
 
 
 def test_bfloat16_weights_train_with_float32_optimizer_state(tmp_path):
