@@ -159,3 +159,12 @@ def test_projected_preset_without_rank_or_interval_is_refused_and_adamw_needs_ne
         build_optimizer(nano(), OptimConfig(name="subtrack++", **fields))
     assert isinstance(build_optimizer(nano(), OptimConfig(name="adamw")), torch.optim.AdamW)
     assert len(param_groups(nano())) == 1  # rank None: nothing projected
+
+
+def test_basis_dtype_option_reaches_the_projected_group_and_its_state():
+    opt = build_optimizer(nano(), OptimConfig(name="subtrack++", rank=RANK, update_interval=INTERVAL,
+                                              basis_dtype="bfloat16"))
+    plain, projected = opt.param_groups
+    assert projected["basis_dtype"] == "bfloat16" and "basis_dtype" not in plain
+    assert all(opt.state[p]["basis"].dtype == torch.bfloat16 for p in projected["params"])
+    assert all(opt.state[p]["exp_avg"].dtype == torch.float32 for p in projected["params"])
