@@ -1,7 +1,7 @@
 """Low-rank optimizer family: SubTrack++, GaLore, Fira and SubTrack as configurations of one optimizer.
 
     from optim import OptimConfig, build_optimizer
-    optimizer = build_optimizer(model, OptimConfig(name="subtrack++", rank=128))
+    optimizer = build_optimizer(model, OptimConfig(name="subtrack++", rank=128, update_interval=200))
 
 optim.grassmann holds the pure subspace math, optim.subtrack the optimizer, optim.factory the
 presets and param groups, optim.quant8 the 8-bit state, optim.per_layer per-layer updates.
