@@ -93,7 +93,8 @@ def comm_results(tmp_path_factory):
     """All four setups, nano model, vocabulary 512, 2 gloo ranks, 1 timed step, no warm-up."""
     path = tmp_path_factory.mktemp("comm") / "comm.json"
     argv = ["--model", "nano", "--vocab-size", "512", "--world-size", "2", "--batch-size", "1", "--seq-len", "16",
-            "--steps", "1", "--warmup", "0", "--rank", "8", "--update-interval", "100", "--json", str(path)]
+            "--steps", "1", "--warmup", "0", "--rank", "8", "--update-interval", "100", "--json", str(path),
+            "--start-method", "fork"]
     import io
     from contextlib import redirect_stdout
 

@@ -37,6 +37,9 @@ def parse_args(argv):
     p.add_argument("--update-interval", type=int, default=200, help="SubTrack++ subspace update interval")
     p.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated subset of {','.join(SETUPS)}")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--start-method", choices=("spawn", "fork"), default="spawn",
+                   help="how the ranks start: spawn (fresh interpreters), or fork (they inherit this process's "
+                        "imports: seconds faster where torch and bitsandbytes are already loaded, e.g. under pytest)")
     return p.parse_args(argv)
 
 
@@ -171,7 +174,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "results.json")
         mp.start_processes(_rank_main, args=(args.world_size, _free_port(), args, out_path),
-                           nprocs=args.world_size, start_method="spawn")
+                           nprocs=args.world_size, start_method=args.start_method)
         with open(out_path) as f:
             results = json.load(f)
     print(format_table(results, args))
