@@ -1,11 +1,14 @@
 """Benchmarks `python -m pretrain.bench {optimizer,comm}` at their smallest settings: the tables
 have their rows, the ratio columns agree with the figures they divide, and the byte counts
 agree with closed forms (analytic optimizer state, ring collective volumes)."""
+import io
 import json
 import subprocess
 import sys
+from contextlib import redirect_stdout
 
 import pytest
+import torch
 
 from pretrain import memory
 from pretrain.bench import __main__ as dispatcher
@@ -77,7 +80,7 @@ def test_optimizer_bench_state_bytes_match_the_analytic_estimate():
     rank = bench_optimizer.PAPER_RANK["60m"][0]
     weights = [memory.Weight(name, shape, projected=True) for name, shape in bench_optimizer.layer_shapes("60m")]
     for method in ("adamw", "subtrack++"):
-        row = bench_optimizer.bench_size("60m", method, repeats=1, update_repeats=1, device=bench_optimizer.torch.device("cpu"))
+        row = bench_optimizer.bench_size("60m", method, repeats=1, update_repeats=1, device=torch.device("cpu"))
         parts = [memory.state_bytes(w, method, None if method == "adamw" else rank, 32, 4) for w in weights]
         expected = sum(v for p in parts for k, v in p.items() if k in ("adamw", "basis", "moments"))
         assert row["state"] == expected, (method, row["state"], expected)
@@ -95,9 +98,6 @@ def comm_results(tmp_path_factory):
     argv = ["--model", "nano", "--vocab-size", "512", "--world-size", "2", "--batch-size", "1", "--seq-len", "16",
             "--steps", "1", "--warmup", "0", "--rank", "8", "--update-interval", "100", "--json", str(path),
             "--start-method", "fork"]
-    import io
-    from contextlib import redirect_stdout
-
     printed = io.StringIO()
     with redirect_stdout(printed):
         assert comm.main(argv) == 0

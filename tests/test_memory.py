@@ -154,7 +154,7 @@ def test_estimate_within_10pct_of_measured_on_cpu(case, monkeypatch):
 
     measured_weights = sum(p.numel() * p.element_size() for p in model.parameters())
     measured_state = sum(memory.state_tensor_bytes(o) for o in optimizers)
-    if optim_name == "adamw" and bits == 8:  # bitsandbytes also references its two 256-entry maps (shared) from each state
+    if optim_name == "adamw" and bits == 8:  # bitsandbytes also references its two shared 256-entry maps
         measured_state -= 2 * 256 * 4
     assert measured_weights == est["weights"]
     assert abs(measured_state - est["optimizer_state"]) <= 0.10 * measured_state
