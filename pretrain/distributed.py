@@ -20,6 +20,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    created_group: bool = False  # setup() joined the process group (so cleanup() leaves it)
 
     @property
     def is_main(self) -> bool:
@@ -71,11 +72,16 @@ def setup(device_preference: str = "auto") -> DistInfo:
             raise RuntimeError("MASTER_ADDR is not set; launch with torchrun/deepspeed, or export "
                                "MASTER_ADDR=<first node's hostname> in the SLURM script")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        return DistInfo(rank, world, local, device, created_group=True)
     return DistInfo(rank, world, local, device)
 
 
-def cleanup() -> None:
-    if dist.is_initialized():
+def cleanup(info: DistInfo | None = None) -> None:
+    """Leave the process group: the one `info`'s setup() created, or (no `info`) whatever group there is.
+
+    A group the caller created before setup() stays, with whatever the caller (or DeepSpeed, which
+    caches its groups) built on it, so the caller can run train() again in the same processes."""
+    if dist.is_initialized() and (info is None or info.created_group):
         dist.destroy_process_group()
 
 

@@ -121,7 +121,7 @@ def train(cfg: RunConfig) -> dict:
         with StopRequest() as stop:
             return _train(cfg, dist, stop)
     finally:
-        distributed.cleanup()
+        distributed.cleanup(dist)  # only a group setup() joined: a caller's own group stays usable
 
 
 def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dict:

@@ -122,6 +122,14 @@ def train_in_rank(config: str, overrides: list[str], world_size: int, shm_off: b
     return train(load_config(config, overrides, world_size=world_size))
 
 
+def train_then_resume_in_rank(config: str, overrides: list[str], resume_overrides: list[str], world_size: int,
+                              shm_off: bool = False) -> list[dict]:
+    """Run on each rank of run_distributed: train(config + overrides), then, in the same processes
+    (one spawn, one import of DeepSpeed), train(config + overrides + resume_overrides)."""
+    first = train_in_rank(config, overrides, world_size, shm_off=shm_off)
+    return [first, train_in_rank(config, overrides + resume_overrides, world_size)]
+
+
 def train_one_process(config: str, overrides: list[str], monkeypatch, global_batch: bool = True) -> dict:
     """One process in this pytest process; with global_batch, through GlobalBatchLoader (micro batch 4)."""
     import data.loader
@@ -184,25 +192,42 @@ def test_weights_are_bit_identical_on_both_ranks_after_every_step(runs):
     assert len({c for _, c in a}) == 20  # the checksum changes as the weights do
 
 
-def test_deepspeed_engine_on_two_ranks_matches_the_torchrun_path(runs):
+def test_deepspeed_engine_on_two_ranks_matches_the_torchrun_path_and_resumes_on_it(runs):
     """10 steps under the DeepSpeed engine (ZeRO stage 0, the sharded optimizer as its client) with
     micro batch 1 x 2 accumulation steps per rank: packed rows are consecutive windows of each
     rank's stream, so every rank sees the same 2 rows per step as in the torchrun run (micro batch
-    2), and the engine's accumulation scaling is exercised too."""
+    2), and the engine's accumulation scaling is exercised too. Then, in the same two processes,
+    the engine resumes from its step-10 checkpoint for steps 11..15 (a subspace update included)."""
     tmp = runs["tmp"]
-    ds = run_distributed(train_in_rank, 2, runs["config"],
-                         [f"log.run_dir={tmp / 'ds'}", "train.deepspeed=configs/deepspeed/zero0.json",
-                          "train.steps_per_run=10", "train.micro_batch_size=1"], 2, shm_off=True,
-                         env={"DS_ACCELERATOR": "cpu"}, timeout=180)
+    both = run_distributed(train_then_resume_in_rank, 2, runs["config"],
+                           [f"log.run_dir={tmp / 'ds'}", "train.deepspeed=configs/deepspeed/zero0.json",
+                            "train.steps_per_run=10", "train.micro_batch_size=1"],
+                           ["train.steps_per_run=5", "checkpoint.resume=auto"], 2, shm_off=True,
+                           env={"DS_ACCELERATOR": "cpu"}, timeout=180)
+    ds, resumed = [b[0] for b in both], [b[1] for b in both]
+    torchrun_losses = runs["two"][0]["train_losses"]
     assert [s["mode"] for s in ds] == ["deepspeed", "deepspeed"] and ds[0]["step"] == 10
     assert ds[0]["weight_checksums"] == ds[1]["weight_checksums"]
-    assert ds[0]["train_losses"] == pytest.approx(runs["two"][0]["train_losses"][:10], abs=LOSS_TOL, rel=0)
+    assert ds[0]["train_losses"] == pytest.approx(torchrun_losses[:10], abs=LOSS_TOL, rel=0)
     assert_models_close(model_at(tmp / "ds", 10), model_at(runs["two_dir"], 10))
+    # The engine's client optimizer writes the same sharded checkpoint as the torchrun path: one
+    # shard per rank plus the index of owners.
+    optimizer_dir = tmp / "ds" / "checkpoints" / STEP10 / "optimizer"
+    assert sorted(p.name for p in optimizer_dir.iterdir()) == ["index.json", "rank00000.pt", "rank00001.pt"]
+    index = json.loads((optimizer_dir / "index.json").read_text())
+    assert index["world_size"] == 2 and sorted(set(index["owners"].values())) == [0, 1]
+    # Resumed under the engine, steps 11..15 continue the uninterrupted torchrun run's trajectory.
+    assert [s["mode"] for s in resumed] == ["deepspeed", "deepspeed"]
+    assert resumed[0]["start_step"] == 10 and resumed[0]["step"] == 15
+    assert resumed[0]["train_losses"] == pytest.approx(torchrun_losses[10:15], abs=LOSS_TOL, rel=0)
+    assert resumed[0]["weight_checksums"] == resumed[1]["weight_checksums"]
+    # Both DeepSpeed runs' metrics, steps 1..15: the global norm reaches the engine's report, and the
+    # owners' subspace updates ran under the engine (step 6, and step 11 after the resume).
     grad_norms = [r["grad_norm"] for r in read_metrics(tmp / "ds") if "grad_norm" in r]
-    torch_norms = [r["grad_norm"] for r in read_metrics(runs["two_dir"]) if "grad_norm" in r][:10]
-    assert grad_norms == pytest.approx(torch_norms, rel=1e-5)  # the global norm reaches the engine's report
-    moved = {k: v for k, v in subspace_counts(runs["two_dir"]).items() if k <= 10}
-    assert subspace_counts(tmp / "ds") == moved and moved  # the owners' subspace updates ran under the engine
+    torch_norms = [r["grad_norm"] for r in read_metrics(runs["two_dir"]) if "grad_norm" in r][:15]
+    assert grad_norms == pytest.approx(torch_norms, rel=1e-5)
+    moved = {k: v for k, v in subspace_counts(runs["two_dir"]).items() if k <= 15}
+    assert subspace_counts(tmp / "ds") == moved and sorted(moved) == [6, 11]
 
 
 def test_resume_two_ranks_checkpoint_on_one_process_continues_the_same_trajectory(runs, monkeypatch):

@@ -172,25 +172,53 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
 
 
-def _average_job():
+def _collectives_job():
+    """On each of 2 gloo ranks: average_gradients and all_gather_objects on a tiny model, then the
+    replica check twice: identical weights, and after rank 1 moved one weight by one ulp (the
+    second check's RuntimeError message is returned, None if it did not raise)."""
     import torch.distributed as dist
 
     from pretrain import distributed
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     for param in model.parameters():
         param.grad = torch.full_like(param, float(rank + 1))
     distributed.average_gradients(model, world)
-    return [p.grad for p in model.parameters()], distributed.all_gather_objects({"rank": rank}, world)
+    out = {"grads": [p.grad for p in model.parameters()],
+           "gathered": distributed.all_gather_objects({"rank": rank}, world),
+           "checksum": distributed.check_replicas(model, world, step=6), "mismatch": None}
+    if rank == 1:
+        with torch.no_grad():
+            model.weight[1, 2] = torch.nextafter(model.weight[1, 2], torch.tensor(math.inf))
+    try:
+        distributed.check_replicas(model, world, step=7)
+    except RuntimeError as e:
+        out["mismatch"] = str(e)
+    return out
 
 
-def test_average_gradients_gives_every_rank_the_mean():
+@pytest.fixture(scope="module")
+def two_rank_collectives():
     from tests.distributed import run_distributed
 
-    for grads, gathered in run_distributed(_average_job, 2):
-        assert all(torch.equal(g, torch.full_like(g, 1.5)) for g in grads)  # (1 + 2) / 2
-        assert gathered == [{"rank": 0}, {"rank": 1}]
+    return run_distributed(_collectives_job, 2)  # one spawn for the tests below
+
+
+def test_average_gradients_gives_every_rank_the_mean(two_rank_collectives):
+    for out in two_rank_collectives:
+        assert all(torch.equal(g, torch.full_like(g, 1.5)) for g in out["grads"])  # (1 + 2) / 2
+        assert out["gathered"] == [{"rank": 0}, {"rank": 1}]
+
+
+def test_replica_check_raises_on_every_rank_when_one_rank_weight_differs_by_one_ulp(two_rank_collectives):
+    first, second = two_rank_collectives
+    assert first["checksum"] == second["checksum"]  # identical replicas pass
+    for message in (first["mismatch"], second["mismatch"]):  # both ranks raise: the check is collective
+        assert message is not None and "step 7" in message and "weights differ" in message
+        assert f"[{first['checksum']}, " in message  # rank 0 kept its checksum ...
+        assert f", {first['checksum']}]" not in message  # ... rank 1's moved with one ulp
 
 
 def test_two_ranks_checkpoint_each_data_position_and_resume(tmp_path):
