@@ -445,11 +445,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if unknown:
             raise ValueError(f"{index_path} has no owner for {unknown[:5]}; was it saved from a different model?")
         ranks = sorted({index["owners"][n] for n in self.owned}) or [0]
-        merged = {"state": {}, "param_groups": None}
+        merged, owned = {"state": {}, "param_groups": None}, set(self.owned)
         for r in ranks:
             shard = torch.load(os.path.join(directory, index["files"][r]), map_location=self._device,
                                weights_only=True)
-            merged["state"].update({n: s for n, s in shard["state"].items() if n in set(self.owned)})
+            merged["state"].update({n: s for n, s in shard["state"].items() if n in owned})
             merged["param_groups"] = shard["param_groups"]
         self.load_state_dict(merged)
 

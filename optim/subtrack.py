@@ -315,19 +315,22 @@ class SubTrackAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         return group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
 
+    @staticmethod
+    def _adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, g: torch.Tensor, group: dict) -> torch.Tensor:
+        """Update the moments in place with gradient g; returns M / (sqrt(V) + eps)."""
+        beta1, beta2 = group["betas"]
+        exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        return exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+
     def _plain_update(self, p: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
         state = self.state[p]
-        beta1, beta2 = group["betas"]
         state["step"].add_(1)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
-        update = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+        update = self._adam_direction(state["exp_avg"], state["exp_avg_sq"], p.grad, group)
         return update, self._adam_step_size(group, int(state["step"]))
 
     def _projected_update(self, p: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
         state = self.state[p]
-        beta1, beta2 = group["betas"]
         side = gm.projection_side(tuple(p.shape), group["proj_type"])
         G = p.grad.to(state["angle"].dtype)  # the math dtype: float32 (float64 for float64 weights)
         self._update_subspace(p, state, group, G, side, int(state["step"]))
@@ -335,9 +338,7 @@ class SubTrackAdamW(torch.optim.Optimizer):
         R = gm.project(G, basis, side)
 
         exp_avg, exp_avg_sq = self._load_moments(state)
-        exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
-        N = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+        N = self._adam_direction(exp_avg, exp_avg_sq, R, group)
         self._store_moments(state, exp_avg, exp_avg_sq)
         state["step"].add_(1)
         state["moment_step"].add_(1)

@@ -77,8 +77,7 @@ def check_config(config: dict, path: str = "DeepSpeed config") -> None:
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: str, *, micro_batch_size: int,
-               grad_accum_steps: int = 1, gradient_clipping: float = 0.0, tensorboard_dir: str | None = None,
-               lr_scheduler=None):
+               grad_accum_steps: int = 1, gradient_clipping: float = 0.0, tensorboard_dir: str | None = None):
     """`deepspeed.initialize` at ZeRO stage 0 with `optimizer` as the client optimizer.
 
     The process group must already be initialised (pretrain/distributed.py); DeepSpeed adopts
@@ -94,8 +93,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                           config=config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     if engine.optimizer is not optimizer:
         raise RuntimeError(f"DeepSpeed wrapped the client optimizer in {type(engine.optimizer).__name__}, which "
                            f"would hand it flattened weights; {STAGE0_HINT}")

@@ -42,10 +42,6 @@ class MetricsLogger:
                 if math.isfinite(value):
                     self.writer.add_scalar(key, value, step)
 
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
@@ -102,9 +98,3 @@ def peak_flops(device: torch.device) -> float | None:
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA memory allocated since the last reset; 0 on CPU (not tracked)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return 0

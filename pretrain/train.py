@@ -36,7 +36,7 @@ from pretrain import distributed
 from pretrain.checkpoint import (load_checkpoint, load_optimizer, prepare_staging, resolve_resume, rng_state,
                                  save_checkpoint, set_rng_state, staging_dir, step_dir_name)
 from pretrain.config import RunConfig, config_to_yaml, resolve_model_config
-from pretrain.metrics import MetricsLogger, Progress, peak_flops, peak_memory_bytes
+from pretrain.metrics import MetricsLogger, Progress, peak_flops
 from pretrain.schedule import build_scheduler
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends one of them before preempting a job
@@ -139,6 +139,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     tokenizer = build_tokenizer(cfg.data)
     model_cfg = resolve_model_config(cfg, tokenizer.vocab_size)
     tokenizer.check_fits(model_cfg.vocab_size)  # refuse before any step, not with an index error later
+    config_yaml, model_config_dict = config_to_yaml(cfg), dataclasses.asdict(model_cfg)  # fixed for the run
     accum = tc.grad_accum_steps(world)
     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: the norm is still measured, not applied
     mode = training_mode(cfg, world)
@@ -173,7 +174,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     peak = peak_flops(device)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        (run_dir / "config.yaml").write_text(config_yaml)
     say(f"model {cfg.model.size}: {count_parameters(model_cfg) / 1e6:.2f}M parameters, vocab {model_cfg.vocab_size}, "
         f"context {model_cfg.max_seq_len} | optimizer {cfg.optim.name} lr {cfg.optim.lr:g} | "
         f"{world} rank(s) x {tc.micro_batch_size} sequences x {accum} accumulation = {tc.total_batch_size} "
@@ -198,8 +199,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
             trainer_state = {"step": step, "world_size": world, "scheduler": scheduler.state_dict(),
                              "data": data_states, "rng": rng_state()}
             save_checkpoint(checkpoint_root, step, model_state=model.state_dict(),
-                            model_config=dataclasses.asdict(model_cfg), optimizer_state=optimizer_state,
-                            trainer_state=trainer_state, config_yaml=config_to_yaml(cfg),
+                            model_config=model_config_dict, optimizer_state=optimizer_state,
+                            trainer_state=trainer_state, config_yaml=config_yaml,
                             keep_last=cfg.checkpoint.keep_last)
         if world > 1:
             torch.distributed.barrier()
@@ -306,7 +307,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         if peak is not None:
             scalars["mfu"] = model_flops_per_step / step_time / (peak * world)
         if device.type == "cuda":
-            scalars["peak_memory"] = peak_memory_bytes(device)
+            scalars["peak_memory"] = torch.cuda.max_memory_allocated(device)
         stats = optimizer.pop_subspace_stats() if hasattr(optimizer, "pop_subspace_stats") else None
         if stats and stats.get("count", 1) > 0:  # low-rank optimizers: subspace movement since the last step
             scalars.update({f"subspace/{k}": v for k, v in stats.items()})

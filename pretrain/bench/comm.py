@@ -55,6 +55,7 @@ def _run_setup(setup, args, rank, world):
     from models.sizes import build_model
     from optim.factory import OptimConfig, build_optimizer
     from optim.sharded import build_sharded_optimizer
+    from pretrain.memory import state_tensor_bytes
 
     torch.manual_seed(0)
     model = build_model(args.model, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
@@ -102,8 +103,7 @@ def _run_setup(setup, args, rank, world):
             bytes_per_step.append({k: after[k] - before.get(k, 0) for k in after})
     per_kind = {k: statistics.mean(b[k] for b in bytes_per_step) for k in bytes_per_step[0]}
     per_kind = {k: v for k, v in per_kind.items() if v}
-    state = opt.state_bytes() if hasattr(opt, "state_bytes") else sum(
-        t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    state = opt.state_bytes() if hasattr(opt, "state_bytes") else state_tensor_bytes(opt)
     return {
         "setup": setup,
         "params": sum(p.numel() for p in model.parameters()),
