@@ -26,6 +26,11 @@ GLOB_CHARS = "*?["
 LOG_FIRST = 5  # malformed lines named individually per consumer
 
 
+def open_shard(path: str):
+    """A C4 shard (or any text file) for reading as text, gzip-compressed when it ends in .gz."""
+    return (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8")
+
+
 def is_local(source: str) -> bool:
     """A path or glob (anything that exists, has glob characters, or starts like a path)."""
     return (os.path.exists(os.path.expanduser(source)) or any(c in source for c in GLOB_CHARS)
@@ -98,8 +103,7 @@ class LocalShards:
     def documents(self, consumer: int, num_consumers: int, pos: dict) -> Iterator[str]:
         while pos["file"] < len(self.files):
             path = self.files[pos["file"]]
-            opener = gzip.open if path.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8") as f:
+            with open_shard(path) as f:
                 for lineno, line in enumerate(f):
                     if lineno < pos["line"]:
                         continue  # resuming: these lines were consumed before

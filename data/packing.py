@@ -20,10 +20,6 @@ IGNORE_INDEX = -100
 MODES = ("pack", "truncate")
 
 
-def document_tokens(ids: list[int], bos_id: int, eos_id: int, add_bos: bool) -> list[int]:
-    return ([bos_id] if add_bos else []) + ids + [eos_id]
-
-
 def packed_rows(buffer: list[int], next_doc: Callable[[], list[int]], rows: int, length: int
                 ) -> tuple[torch.Tensor, list[int]]:
     """Fill ``rows`` windows of ``length`` tokens from ``buffer`` then new documents.

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data.packing import document_tokens, inputs_and_labels, packed_rows, truncated_rows
+from data.packing import inputs_and_labels, packed_rows, truncated_rows
 from data.tokenizer import Tokenizer
 
 
@@ -64,7 +64,7 @@ class BatchStream(IterableDataset):
         tok = self.tokenizer
 
         def next_doc() -> list[int]:
-            return document_tokens(tok.encode(next(docs)), tok.bos_id, tok.eos_id, self.add_bos)
+            return tok.encode(next(docs), bos=self.add_bos, eos=True)
 
         buffer = state["buffer"].tolist()
         while True:

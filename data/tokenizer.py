@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import glob
-import gzip
 import io
 import json
 import os
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
+
+from data.c4 import open_shard
 
 # Llama's layout: unk 0, bos 1, eos 2; we add an explicit pad so padded rows have a real id.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -103,8 +104,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> bytes:
 def read_texts(paths: list[str]) -> Iterator[str]:
     """Texts of C4 shards (``*.json`` / ``*.json.gz`` lines with a ``text`` field) or plain text files."""
     for path in paths:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
+        with open_shard(path) as f:
             if ".json" in os.path.basename(path):
                 for line in f:
                     try:
