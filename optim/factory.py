@@ -39,9 +39,13 @@ class OptimConfig:
     rank / update_interval: None = not set; the run config fills them from the paper's value for
         the model size (models.PAPER_RANK), and a projected preset refuses to build without them.
     subspace / moments / residual: None takes the preset's choice; a value overrides it.
-    step_size: eta (angle = eta * sigma) or "auto" (closed-form best angle, times auto_damping).
+    step_size: "auto" (closed-form best angle, times auto_damping) or eta (angle = eta * sigma, capped
+        at the best angle so an update never raises the estimation error: optim.grassmann.capped_angle).
+    geodesic_rank: directions of the tangent moved per subspace update (1: the paper's rank-1 step).
     recovery_scaled_back: True follows the published Fira / SubTrack++ code (residual
         G - scale * back(R)); False uses the exact residual G - back(R).
+    scale_recovery: True multiplies the recovery term by `scale` like the in-subspace update; False
+        (the published code) adds it at the full lr.
     rotate_compat: True reproduces the published SubTrack++ moment rotation (abs() and an extra
         (1 - beta2) on V); False follows the derivation (clip at 0).
     state_bits: 32, or 8 for blockwise 8-bit moments (optim/quant8.py; any preset).
@@ -58,7 +62,8 @@ class OptimConfig:
     rank: int | None = None
     update_interval: int | None = None
     scale: float = 0.25
-    step_size: float | str = 10000.0
+    step_size: float | str = "auto"
+    geodesic_rank: int = 1
     subspace: str | None = None
     moments: str | None = None
     residual: str | None = None
@@ -69,6 +74,7 @@ class OptimConfig:
     max_angle: float | None = None
     limiter: float = 1.01
     recovery_scaled_back: bool = True
+    scale_recovery: bool = False
     rotate_compat: bool = False
     per_layer: bool = False
 
@@ -106,6 +112,8 @@ class OptimConfig:
             raise ValueError(f"optim.state_bits {self.state_bits} must be 32 or 8")
         if self.basis_dtype not in BASIS_DTYPES:
             raise ValueError(f"optim.basis_dtype {self.basis_dtype!r} is unknown; choose one of {list(BASIS_DTYPES)}")
+        if isinstance(self.geodesic_rank, bool) or not isinstance(self.geodesic_rank, int) or self.geodesic_rank < 1:
+            raise ValueError(f"optim.geodesic_rank {self.geodesic_rank!r} must be a positive integer")
         if not 0 < self.auto_damping <= 1:
             raise ValueError(f"optim.auto_damping {self.auto_damping} must be in (0, 1]")
         if self.max_angle is not None and not self.max_angle > 0:
@@ -179,8 +187,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
             raise ValueError(f"optim.{key} is not set and model size has no paper default; set optim.{key} "
                              f"(optimizer {cfg.name!r} projects gradients and needs it)")
     groups = param_groups(model, rank=cfg.rank, update_interval=cfg.update_interval, scale=cfg.scale,
-                          step_size=cfg.step_size, accumulate=cfg.accumulate, auto_damping=cfg.auto_damping,
+                          step_size=cfg.step_size, geodesic_rank=cfg.geodesic_rank, accumulate=cfg.accumulate, auto_damping=cfg.auto_damping,
                           max_angle=cfg.max_angle, limiter=cfg.limiter, basis_dtype=cfg.basis_dtype,
-                          recovery_scaled_back=cfg.recovery_scaled_back, rotate_compat=cfg.rotate_compat, **choices)
+                          recovery_scaled_back=cfg.recovery_scaled_back, scale_recovery=cfg.scale_recovery, rotate_compat=cfg.rotate_compat, **choices)
     return SubTrackAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                          state_bits=cfg.state_bits)

@@ -129,23 +129,74 @@ def best_angle(S: torch.Tensor, G: torch.Tensor, u: torch.Tensor, v: torch.Tenso
     return 0.5 * torch.atan2(-(a @ b), 0.5 * (a @ a - b @ b))
 
 
-def grassmann_update(basis: torch.Tensor, G: torch.Tensor, side: str, step_size: float | str,
-                     damping: float = 1.0, max_angle: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SubTrack subspace update: a rank-1 geodesic step of the basis toward G's dominant subspace.
+def capped_angle(theta_star: torch.Tensor, sigma: torch.Tensor, step_size: float | str,
+                 damping: float = 1.0) -> torch.Tensor:
+    """The angle a subspace update takes, given the best angle theta* and the tangent's singular value sigma.
 
-    basis: S (m, r) or P (r, n) float32; G: (m, n). step_size: eta (theta = eta * sigma, sigma the
-    top singular value of the tangent) or "auto" (theta = damping * best_angle). max_angle clamps
-    |theta|. Returns (new basis of the same shape, theta as a 0-d tensor). No SVD of G.
+    "auto": damping * theta*. A fixed eta: the paper's eta * sigma, but never past the best angle,
+    theta = sign(theta*) min(eta sigma, |theta*|). This is a deliberate departure from the paper:
+    since sigma grows with ||G||^2, eta sigma alone is a different angle at every gradient scale
+    (eta = 10000 on gradients of norm ~1 gives hundreds of radians, a random point of the geodesic).
+    Along the geodesic the captured energy ||S(theta)^T G||^2 rises monotonically from theta = 0 to
+    theta*, so a capped step can never raise the estimation error of the gradient it used.
+    Works element-wise (one angle per direction of a rank-k step).
+    """
+    if step_size == "auto":
+        return damping * theta_star
+    return torch.sign(theta_star) * torch.minimum(float(step_size) * sigma, theta_star.abs())
+
+
+def rank_k_step(S: torch.Tensor, G: torch.Tensor, k: int, step_size: float | str, damping: float = 1.0,
+                max_angle: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move S: (m, r) along the top-k directions of the tangent at once, each by its own best angle.
+
+    With the tangent's thin SVD T = U Sigma V^T (U: (m, k) orthonormal and orthogonal to S, V: (r, k)),
+        S' = S + (S V (cos(Theta) - I) - U sin(Theta)) V^T
+    stays orthonormal, and the rows of S'^T G along different v_i are separate:
+        ||S'^T G||^2 = const + sum_i ||cos(theta_i) a_i - sin(theta_i) b_i||^2,  a_i = G^T S v_i, b_i = G^T u_i,
+    so each theta_i has its own closed-form best angle (`best_angle`'s formula) and `capped_angle`
+    applies per direction. Cost O(m n k + m r^2); no SVD of G. Directions whose singular value is
+    below 1e-6 of the largest do not move. Returns (S', the angle of largest magnitude as 0-d).
+    """
+    T = tangent(S, G)
+    evals, vecs = torch.linalg.eigh(T.t() @ T)  # ascending
+    V = vecs[:, -k:].flip(1)
+    sigma = evals[-k:].flip(0).clamp_min(0.0).sqrt()
+    tiny = torch.finfo(T.dtype).tiny
+    U = T @ V / sigma.clamp_min(tiny)
+    U = U - S @ (S.t() @ U)  # re-orthogonalise against S and among themselves: S' stays orthonormal
+    U, upper = torch.linalg.qr(U)
+    U = U * torch.where(torch.diagonal(upper) < 0, -1.0, 1.0)  # keep each u_i's direction (Q of QR has a sign)
+    a, b = G.t() @ (S @ V), G.t() @ U  # (n, k) each: columns a_i, b_i
+    theta_star = 0.5 * torch.atan2(-(a * b).sum(0), 0.5 * ((a * a).sum(0) - (b * b).sum(0)))
+    theta = capped_angle(theta_star, sigma, step_size, damping)
+    theta = torch.where(sigma > 1e-6 * sigma[0].clamp_min(tiny), theta, torch.zeros_like(theta))
+    if max_angle is not None:
+        theta = theta.clamp(-max_angle, max_angle)
+    S_new = S + ((S @ V) * (torch.cos(theta) - 1.0) - U * torch.sin(theta)) @ V.t()
+    return S_new, theta[theta.abs().argmax()]
+
+
+def grassmann_update(basis: torch.Tensor, G: torch.Tensor, side: str, step_size: float | str,
+                     damping: float = 1.0, max_angle: float | None = None, geodesic_rank: int = 1
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SubTrack subspace update: a geodesic step of the basis toward G's dominant subspace.
+
+    basis: S (m, r) or P (r, n) float32; G: (m, n). step_size: eta or "auto", turned into an angle
+    by `capped_angle` (a fixed eta never moves past the best angle). max_angle clamps |theta|.
+    geodesic_rank 1 is the paper's rank-1 step along the tangent's top singular triplet; k > 1
+    moves along its top min(k, r) directions at once (`rank_k_step`). Returns (new basis of the
+    same shape, theta as a 0-d tensor: the largest angle moved). No SVD of G.
     """
     S, Gl = _as_left(basis, side), (G if side == LEFT else G.t())
+    if geodesic_rank > 1:
+        S_new, theta = rank_k_step(S, Gl, min(geodesic_rank, S.shape[1]), step_size, damping, max_angle)
+        return column_major(S_new if side == LEFT else S_new.t()), theta
     u, sigma, v = top_singular_triplet(tangent(S, Gl))
     # Re-orthogonalise u against S: keeps S' orthonormal over thousands of steps.
     u = u - S @ (S.t() @ u)
     u = u / u.norm().clamp_min(torch.finfo(u.dtype).tiny)
-    if step_size == "auto":
-        theta = damping * best_angle(S, Gl, u, v)
-    else:
-        theta = float(step_size) * sigma
+    theta = capped_angle(best_angle(S, Gl, u, v), sigma, step_size, damping)
     if max_angle is not None:
         theta = theta.clamp(-max_angle, max_angle)
     S_new = geodesic_step(S, u, v, theta)
@@ -217,11 +268,13 @@ def limit_norm_growth(term: torch.Tensor, prev_norm: torch.Tensor, gamma: float 
 
 
 def recovered_update(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, basis: torch.Tensor, side: str,
-                     scale: float, back_scale: float, prev_norm: torch.Tensor, gamma: float = 1.01
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """scale * back(N) + the limited recovery term, with one back-projection instead of three.
+                     scale: float, back_scale: float, prev_norm: torch.Tensor, gamma: float = 1.01,
+                     recovery_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale * back(N) + recovery_weight * the limited recovery term, with one back-projection instead of three.
 
-    Equal to  scale * project_back(N) + limit_norm_growth(recovery_term(...))  (tests check it):
+    Equal to  scale * project_back(N) + w * limit_norm_growth(recovery_term(...))  (tests check it),
+    w = recovery_weight: 1 in the published Fira / SubTrack++ code (the residual moves at the full
+    lr while the in-subspace part moves at lr x scale); `scale` weights both parts alike.
     phi scales columns (left) or rows (right), so it commutes with the projection,
         (G - b back(R)) * phi = G * phi - b back(R * phi),
     and as S is orthonormal and S^T (G * phi) = R * phi, the term's norm needs no matmul:
@@ -235,7 +288,8 @@ def recovered_update(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, basis: t
     norm = (G_phi_sq - (2.0 * back_scale - back_scale ** 2) * R_phi.square().sum()).clamp_min(0.0).sqrt()
     factor = (norm / (prev_norm + RECOVERY_EPS)).clamp_min(gamma) / gamma
     factor = torch.where(prev_norm < 0, torch.ones_like(factor), factor)
-    low = scale * N - (back_scale / factor) * R_phi
-    G_part = G * (phi / factor)
+    applied = factor if recovery_weight == 1.0 else factor / recovery_weight  # the limiter's and w's division
+    low = scale * N - (back_scale / applied) * R_phi
+    G_part = G * (phi / applied)
     update = torch.addmm(G_part, basis, low) if side == LEFT else torch.addmm(G_part, low, basis)
     return update, norm / factor

@@ -55,7 +55,9 @@ class ReferenceSubTrack:
             T = T - S @ (S.T @ T)
             U, sig, Vh = torch.linalg.svd(T, full_matrices=False)
             u, sigma, v = U[:, 0], sig[0], Vh[0]
-            theta = self.eta * sigma
+            a, b = G.T @ (S @ v), G.T @ u  # the best angle on this geodesic caps eta * sigma
+            best = 0.5 * torch.atan2(-(a @ b), 0.5 * (a @ a - b @ b))
+            theta = torch.sign(best) * torch.minimum(self.eta * sigma, best.abs())
             S_new = exp_map(S, -theta * torch.outer(u, v))
             self.angles.append(float(theta))
             if self.moments == "rotate":

@@ -8,8 +8,13 @@ A param group with a `rank` key is projected (galore-torch's keys `rank`, `updat
     moments   "rotate" (projection-aware) | "keep" | "reset"       when the basis moves
     residual  "recover" (recovery scaling + norm-growth limiter) | "drop"
 
-and `step_size` (eta or "auto"), `auto_damping`, `max_angle`, `accumulate`, `limiter` (1.01),
+and `step_size` ("auto": the closed-form best angle; or eta, whose angle eta*sigma is capped at the
+best angle, see grassmann.capped_angle), `geodesic_rank` (1: the paper's rank-1 geodesic step; k: the
+tangent's top k directions at once, each at its own best angle), `auto_damping`, `max_angle`,
+`accumulate`, `limiter` (1.01),
 `recovery_scaled_back` (True: residual G - scale*back(R) as the published code; False: exact),
+`scale_recovery` (True: the recovery term is multiplied by `scale` too, like the in-subspace
+update; False: at the full lr, as the published code),
 `rotate_compat` (True: the published SubTrack++ V rotation), `basis_dtype` ("float32" or
 "bfloat16": how the basis is stored). Other groups are plain AdamW.
 
@@ -61,12 +66,14 @@ PROJECTED_DEFAULTS = {
     "subspace": "grassmann",
     "moments": "rotate",
     "residual": "recover",
-    "step_size": 10000.0,
+    "step_size": "auto",
+    "geodesic_rank": 1,
     "auto_damping": 1.0,
     "max_angle": None,
     "accumulate": False,
     "limiter": 1.01,
     "recovery_scaled_back": True,
+    "scale_recovery": False,
     "rotate_compat": False,
     "basis_dtype": "float32",
 }
@@ -115,6 +122,9 @@ class SubTrackAdamW(torch.optim.Optimizer):
         step_size = group["step_size"]
         if not (step_size == "auto" or (not isinstance(step_size, str) and float(step_size) > 0)):
             raise ValueError(f"step_size {step_size!r} must be a positive number or 'auto'")
+        if isinstance(group["geodesic_rank"], bool) or int(group["geodesic_rank"]) != group["geodesic_rank"] \
+                or group["geodesic_rank"] < 1:
+            raise ValueError(f"geodesic_rank {group['geodesic_rank']!r} must be a positive integer")
         if int(group["update_proj_gap"]) < 1:
             raise ValueError(f"update_proj_gap {group['update_proj_gap']} must be >= 1")
         names = group.get("names") or [f"parameter {i} of the group" for i in range(len(group["params"]))]
@@ -231,7 +241,8 @@ class SubTrackAdamW(torch.optim.Optimizer):
                 angle = gm.largest_principal_angle(basis, new_basis, side)
             else:
                 new_basis, angle = gm.grassmann_update(basis, G_sub, side, group["step_size"],
-                                                       group["auto_damping"], group["max_angle"])
+                                                       group["auto_damping"], group["max_angle"],
+                                                       int(group["geodesic_rank"]))
             self.move_basis(state, group, new_basis, side)
             state["angle"] = angle.detach().to(state["angle"].dtype).reshape(())
             self._angles.append(state["angle"].abs())
@@ -345,8 +356,9 @@ class SubTrackAdamW(torch.optim.Optimizer):
 
         if group["residual"] == "recover":
             back_scale = group["scale"] if group["recovery_scaled_back"] else 1.0
+            weight = group["scale"] if group["scale_recovery"] else 1.0
             update, state["limiter_norm"] = gm.recovered_update(G, R, N, basis, side, group["scale"], back_scale,
-                                                                state["limiter_norm"], group["limiter"])
+                                                                state["limiter_norm"], group["limiter"], weight)
         else:
             update = gm.project_back(N, basis, side) * group["scale"]
         return update.to(p.dtype), self._adam_step_size(group, int(state["moment_step"]))
