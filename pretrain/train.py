@@ -36,6 +36,7 @@ from pretrain import distributed
 from pretrain.checkpoint import (load_checkpoint, load_optimizer, prepare_staging, resolve_resume, rng_state,
                                  save_checkpoint, set_rng_state, staging_dir, step_dir_name)
 from pretrain.config import RunConfig, config_to_yaml, resolve_model_config
+from pretrain.memory import state_tensor_bytes
 from pretrain.metrics import MetricsLogger, Progress, peak_flops
 from pretrain.schedule import build_scheduler
 
@@ -340,4 +341,5 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         "first_eval_loss": evals[0][1] if evals else None, "final_eval_loss": evals[-1][1] if evals else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "wall_time_s": time.perf_counter() - started, "mode": mode, "weight_checksums": checksums,
+        "optimizer_state_bytes": state_tensor_bytes(optimizer),  # this rank's
     }

@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m pretrain.bench {optimizer,comm,memory} [options]`.
+"""Benchmarks: `python -m pretrain.bench {optimizer,comm,convergence,memory} [options]`.
 
 Each sub-command lives in its own module (pretrain/bench/<name>.py) exposing `main(argv)`;
 figures are reported side by side with their baseline, as ratios, in one run.
@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "optimizer": "step and subspace-update time, optimizer-state bytes: AdamW vs GaLore vs Fira vs SubTrack++",
     "comm": "bytes moved and step time per step: DDP+AdamW vs sharded AdamW vs sharded SubTrack++",
+    "convergence": "eval loss side by side: each method at its best lr from a grid, same model, data and seeds",
     "memory": "analytic memory breakdown (and measured peak on a GPU) for a model size and optimizer",
 }
 
