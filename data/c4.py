@@ -17,6 +17,7 @@ import gzip
 import json
 import logging
 import os
+import zlib
 from typing import Iterator
 
 logger = logging.getLogger(__name__)
@@ -24,11 +25,16 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation")
 GLOB_CHARS = "*?["
 LOG_FIRST = 5  # malformed lines named individually per consumer
+# What a truncated or corrupt .gz raises mid-file (EOFError: cut short; BadGzipFile: not gzip or a
+# bad CRC; zlib.error: damaged deflate data).
+BROKEN_GZIP = (EOFError, gzip.BadGzipFile, zlib.error)
 
 
-def open_shard(path: str):
-    """A C4 shard (or any text file) for reading as text, gzip-compressed when it ends in .gz."""
-    return (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8")
+def open_shard(path: str, binary: bool = False):
+    """A C4 shard (or any text file) for reading, gzip-compressed when it ends in .gz: as UTF-8 text,
+    or as bytes (``binary``) for a reader that decodes each line itself."""
+    opener = gzip.open if path.endswith(".gz") else open
+    return opener(path, "rb") if binary else opener(path, "rt", encoding="utf-8")
 
 
 def is_local(source: str) -> bool:
@@ -85,8 +91,11 @@ class LocalShards:
 
     Line ``j`` of file ``i`` belongs to consumer ``(i + j) % num_consumers``: every line goes to
     exactly one consumer, and the offset by ``i`` spreads small files over all consumers. A consumer
-    parses only its own lines. Malformed lines are skipped and counted (``strict`` raises with file
-    and line number instead); empty documents are skipped and counted.
+    parses only its own lines. Malformed lines (bad JSON, no ``text``, bytes that are not UTF-8) are
+    skipped and counted, and so is the unreadable rest of a truncated or corrupt ``.gz`` (counted
+    once, by the consumer owning the line where it broke); ``strict`` raises with file and line
+    number instead. Empty documents are skipped and counted. Each line is read as bytes and
+    decoded on its own, so one bad byte costs one line and the position stays (file, line).
     """
 
     def __init__(self, files: list[str], strict: bool = False):
@@ -103,31 +112,51 @@ class LocalShards:
     def documents(self, consumer: int, num_consumers: int, pos: dict) -> Iterator[str]:
         while pos["file"] < len(self.files):
             path = self.files[pos["file"]]
-            with open_shard(path) as f:
-                for lineno, line in enumerate(f):
-                    if lineno < pos["line"]:
-                        continue  # resuming: these lines were consumed before
-                    pos["line"] = lineno + 1
-                    if (pos["file"] + lineno) % num_consumers != consumer:
-                        continue
-                    text = self._text(line, path, lineno + 1, pos)
-                    if text is not None:
-                        yield text
+            read = 0  # lines read from this file so far
+            with open_shard(path, binary=True) as f:
+                try:
+                    for lineno, line in enumerate(f):
+                        read = lineno + 1
+                        if lineno < pos["line"]:
+                            continue  # resuming: these lines were consumed before
+                        pos["line"] = lineno + 1
+                        if (pos["file"] + lineno) % num_consumers != consumer:
+                            continue
+                        text = self._text(line, path, lineno + 1, pos)
+                        if text is not None:
+                            yield text
+                except BROKEN_GZIP as e:
+                    # The same place breaks on every pass and resume: the rest of the file is skipped.
+                    if self.strict or (pos["file"] + read) % num_consumers == consumer:
+                        self._skip(pos, path, read + 1, f"truncated or corrupt compressed data ({e!r})",
+                                   rest=True)
             pos["file"] += 1
             pos["line"] = 0
 
-    def _text(self, line: str, path: str, lineno: int, pos: dict) -> str | None:
+    def _skip(self, pos: dict, path: str, lineno: int, why: str, rest: bool = False) -> None:
+        """Count a malformed line, or a file's unreadable rest (``rest``), and log the first few;
+        when strict, raise naming file and line instead."""
+        if self.strict and rest:
+            raise ValueError(f"{path}:{lineno}: unreadable C4 shard: {why}; fetch the file again or set "
+                             "data.strict=false to skip the rest of such files")
+        if self.strict:
+            raise ValueError(f"{path}:{lineno}: malformed C4 line: {why}; fix the file or set "
+                             "data.strict=false to skip such lines")
+        pos["malformed"] += 1
+        if pos["malformed"] <= LOG_FIRST:  # the loader logs running totals; name a few lines
+            logger.warning("skipping %s %s:%d: %s", "the rest of the file from line" if rest else "malformed line",
+                           path, lineno, why)
+
+    def _text(self, line: bytes, path: str, lineno: int, pos: dict) -> str | None:
         try:
-            text = json.loads(line)["text"]
+            text = json.loads(line.decode("utf-8"))["text"]
             if not isinstance(text, str):
                 raise TypeError(f"'text' is {type(text).__name__}, not a string")
+        except UnicodeDecodeError as e:  # its repr would quote the whole line
+            self._skip(pos, path, lineno, f"byte {e.start} is not UTF-8 ({e.reason})")
+            return None
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            if self.strict:
-                raise ValueError(f"{path}:{lineno}: malformed C4 line ({e!r}); fix the file or set "
-                                 "data.strict=false to skip such lines") from None
-            pos["malformed"] += 1
-            if pos["malformed"] <= LOG_FIRST:  # the loader logs running totals; name a few lines
-                logger.warning("skipping malformed line %s:%d (%r)", path, lineno, e)
+            self._skip(pos, path, lineno, repr(e))
             return None
         if not text.strip():
             pos["empty"] += 1

@@ -40,7 +40,8 @@ class DataConfig:
     seq_len: tokens per row T (each row reads T + 1 tokens; labels are shifted by one).
     packing: "pack" (documents joined with EOS, no padding) or "truncate" (one per row, padded).
     num_workers: DataLoader worker processes per rank (0 = read in the training process).
-    strict: fail on a malformed JSON line instead of skipping and counting it.
+    strict: fail (naming file and line) on a malformed line (bad JSON, no text, not UTF-8) or a
+        truncated / corrupt .gz, instead of skipping and counting it.
     add_bos: start every document with BOS (it always ends with EOS).
     """
     source: str = "sample"

@@ -242,6 +242,80 @@ def test_strict_mode_fails_on_a_malformed_line_naming_file_and_line(tmp_path, to
         take(loader, 1)
 
 
+def write_damaged_split(directory):
+    """Two train shards: the first with a non-UTF-8 line at line 3, the second cut off mid-stream.
+
+    Returns (texts a reader gets, number of lines the cut shard still yields).
+    """
+    os.makedirs(directory, exist_ok=True)
+    docs = [{"text": doc_text("train", i), "timestamp": "", "url": ""} for i in range(70)]
+    lines = [json.dumps(d).encode() for d in docs[:6]]
+    lines.insert(2, b'{"text": "caf\xe9 au lait", "timestamp": "", "url": ""}')  # Latin-1, not UTF-8
+    with gzip.open(os.path.join(directory, "c4-train.00000-of-00002.json.gz"), "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    cut = os.path.join(directory, "c4-train.00001-of-00002.json.gz")
+    write_shard(cut, docs[6:])
+    with open(cut, "rb") as f:
+        data = f.read()
+    with open(cut, "wb") as f:
+        f.write(data[:len(data) * 2 // 3])  # truncated download: gzip raises EOFError mid-file
+    readable = []
+    with pytest.raises(EOFError), gzip.open(cut, "rt") as f:
+        for line in f:
+            readable.append(line)
+    assert 5 < len(readable) < 60
+    return [d["text"] for d in docs[:6 + len(readable)]], len(readable)
+
+
+def test_undecodable_line_and_truncated_gzip_are_skipped_counted_and_logged(tmp_path, tok, caplog):
+    texts, readable = write_damaged_split(tmp_path)
+    loader = build_train_loader(DataConfig(source=str(tmp_path), seq_len=64, packing="truncate"),
+                                tok, batch_size=len(texts) + 1)  # one more: read past the cut
+    with caplog.at_level(logging.WARNING):
+        assert row_texts(take(loader, 1)[0], tok) == texts + texts[:1]
+    assert loader.stats["malformed_lines"] == 2
+    assert "malformed line" in caplog.text and "c4-train.00000-of-00002.json.gz:3: byte 13 is not UTF-8" in caplog.text
+    assert f"the rest of the file from line {tmp_path}/c4-train.00001-of-00002.json.gz:{readable + 1}: " \
+           "truncated or corrupt compressed data (EOFError" in caplog.text
+
+
+def test_damage_is_counted_once_over_consumers(tmp_path, tok):
+    from data.c4 import LocalShards, local_files
+
+    texts, _ = write_damaged_split(tmp_path)
+    source, got, malformed = LocalShards(local_files(str(tmp_path), "train")), [], 0
+    for consumer in range(3):
+        pos = source.start()
+        got += list(source.documents(consumer, 3, pos))
+        malformed += pos["malformed"]
+    assert sorted(got) == sorted(texts) and malformed == 2
+
+
+def test_strict_mode_fails_on_undecodable_line_and_truncated_gzip_naming_file_and_line(tmp_path, tok):
+    _, readable = write_damaged_split(tmp_path)
+    loader = build_train_loader(DataConfig(source=str(tmp_path), strict=True), tok, batch_size=2)
+    with pytest.raises(ValueError, match=r"00000-of-00002\.json\.gz:3: malformed C4 line: byte 13 is not UTF-8"):
+        take(loader, 1)
+    os.remove(tmp_path / "c4-train.00000-of-00002.json.gz")
+    loader = build_train_loader(DataConfig(source=str(tmp_path), strict=True), tok, batch_size=2)
+    with pytest.raises(ValueError, match=rf"00001-of-00002\.json\.gz:{readable + 1}: unreadable C4 shard: "
+                                         r"truncated or corrupt compressed data \(EOFError"):
+        take(loader, 100)
+
+
+def test_resume_across_skipped_lines_yields_the_uninterrupted_batches(tmp_path, tok):
+    write_damaged_split(tmp_path)
+    cfg = DataConfig(source=str(tmp_path), seq_len=16)
+    expected = take(build_train_loader(cfg, tok, batch_size=2), 40)  # crosses both bad spots and an epoch
+    for cut in (1, 7, 25):
+        first = build_train_loader(cfg, tok, batch_size=2)
+        take(first, cut)
+        loader = build_train_loader(cfg, tok, batch_size=2)
+        loader.load_state_dict(first.state_dict())
+        for a, b in zip(take(loader, 40 - cut), expected[cut:], strict=True):
+            assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
 def test_missing_sources_are_errors_naming_the_path(tmp_path, tok):
     (tmp_path / "empty").mkdir()
     write_split(tmp_path / "trainonly", "train", [2])
