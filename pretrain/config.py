@@ -287,6 +287,8 @@ def coerce(value, hint, where: str):
                 continue
         raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            return "on" if value else "off"  # YAML 1.1 reads a bare on / off as true / false
         if value in args:
             return value
         raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")

@@ -123,6 +123,17 @@ def test_override_values_are_parsed_as_yaml():
                    "b": {"c": {"d": "x=y"}}}
 
 
+def test_on_off_read_by_yaml_as_booleans_are_accepted_for_progress_bar(tmp_path):
+    cfg = load_config(write(tmp_path, BASE + "log:\n  progress_bar: on\n"))
+    assert cfg.log.progress_bar == "on"
+    assert load_config(write(tmp_path, BASE), ["log.progress_bar=off"]).log.progress_bar == "off"
+    assert load_config(write(tmp_path, BASE), ["log.progress_bar=auto"]).log.progress_bar == "auto"
+    with pytest.raises(ConfigError, match=r"log.progress_bar: 'maybe' is not one of \['auto', 'on', 'off'\]"):
+        load_config(write(tmp_path, BASE), ["log.progress_bar=maybe"])
+    with pytest.raises(ConfigError, match="train.dtype: False is not one of"):  # no on/off there: still an error
+        load_config(write(tmp_path, BASE), ["train.dtype=off"])
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
