@@ -26,7 +26,6 @@ float32 absmax (and any float32 state) to the dtype of bf16 weights.
 """
 from __future__ import annotations
 
-import bitsandbytes.functional as bnbf
 import torch
 
 BLOCKSIZE = 256  # the block size of bitsandbytes' blockwise 8-bit optimizers (CPU supports only this)
@@ -36,12 +35,20 @@ ABSMAX_SUFFIX = "_absmax"
 _MAPS: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
 
+def _bnbf():
+    """``bitsandbytes.functional``, imported on first use: only 8-bit state needs it, and its import
+    prints warnings about optional kernels that a 32-bit run should not show."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf
+
+
 def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' 8-bit dynamic map, (256,) float32 sorted values in [-1, 1] (signed) or [0, 1]."""
     device = torch.device(device)
     key = (bool(signed), device)
     if key not in _MAPS:
-        _MAPS[key] = bnbf.create_dynamic_map(signed=bool(signed)).to(device)
+        _MAPS[key] = _bnbf().create_dynamic_map(signed=bool(signed)).to(device)
     return _MAPS[key]
 
 
@@ -72,7 +79,7 @@ def pack(x: torch.Tensor, signed: bool) -> dict[str, torch.Tensor]:
     `signed` picks the map: True for values of either sign (first moments), False for
     non-negative values (second moments; a negative value would be clipped to 0).
     """
-    codes, state = bnbf.quantize_blockwise(x.detach().float().contiguous(),
+    codes, state = _bnbf().quantize_blockwise(x.detach().float().contiguous(),
                                            code=dynamic_map(signed, x.device), blocksize=BLOCKSIZE)
     return {"codes": codes, "absmax": state.absmax}
 
@@ -80,7 +87,7 @@ def pack(x: torch.Tensor, signed: bool) -> dict[str, torch.Tensor]:
 def unpack(packed: dict[str, torch.Tensor], signed: bool) -> torch.Tensor:
     """Inverse of `pack`: float32 tensor of the codes' shape (x up to the quantization error)."""
     codes, absmax = packed["codes"], packed["absmax"]
-    return bnbf.dequantize_blockwise(codes, absmax=absmax, code=dynamic_map(signed, codes.device),
+    return _bnbf().dequantize_blockwise(codes, absmax=absmax, code=dynamic_map(signed, codes.device),
                                      blocksize=BLOCKSIZE)
 
 
@@ -169,6 +176,7 @@ def adamw_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, beta
     state["step"] += 1
     step = int(state["step"].item())
     beta1, beta2 = betas
+    bnbf = _bnbf()
     if is_8bit(state, "exp_avg"):
         bnbf.optimizer_update_8bit_blockwise(
             "adam", grad, p, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, 0.0, 0.0, eps, step, lr,

@@ -157,6 +157,30 @@ def test_cli_config_error_exits_2_before_any_work(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+QUIET_PROBE = """
+import sys
+import optim.subtrack
+assert "bitsandbytes" not in sys.modules, "importing the optimizers imported bitsandbytes"
+from pretrain.__main__ import main
+code = main(sys.argv[1:])
+print("imported:", [m for m in ("bitsandbytes", "deepspeed") if m in sys.modules])
+sys.exit(code)
+"""
+
+
+def test_a_32_bit_run_prints_only_our_lines_and_imports_neither_bitsandbytes_nor_deepspeed(tmp_path):
+    # bitsandbytes prints "Failed to load CPU gemm_4bit_forward from kernels-community ..." when imported
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", QUIET_PROBE, "--config", nano_config(tmp_path), "--set",
+                             f"log.run_dir={tmp_path / 'run'}", "train.max_steps=2", "train.eval_batches=1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "imported: []" in result.stdout
+    output = result.stdout + result.stderr
+    assert "kernels" not in output and "gemm_4bit" not in output
+    assert result.stderr == ""
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """micro 2 x 2 accumulation steps and micro 4 x 1 see the same 4 sequences: same update."""
     runs = {}
