@@ -37,12 +37,14 @@ def main(argv=None) -> int:
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
 
-    from pretrain.config import ConfigError, load_config
+    from pretrain.config import ConfigError, check_paths, load_config
 
     try:
         cfg = load_config(args.config, overrides)
+        check_paths(cfg)  # missing tokenizer / data, unwritable run directory: one line, not a traceback
     except ConfigError as e:
-        print(f"pretrain: config error: {e}", file=sys.stderr)
+        message = str(e).replace("\n", " ")
+        print(f"pretrain: config error: {message}", file=sys.stderr)
         return 2
 
     from pretrain.train import train

@@ -130,7 +130,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file (see configs/)")
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: {describe_yaml_error(e)}; fix the YAML syntax there") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
         name = path.stem
@@ -145,6 +148,40 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     cfg = build_config(raw)
     validate(cfg, world_size)
     return cfg
+
+
+def describe_yaml_error(e: yaml.YAMLError) -> str:
+    """One line: where YAML stopped and why (its own message spans several lines)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"invalid YAML at {where}{problem or e.__class__.__name__}"
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """The files a run reads and the directory it writes, checked before any work (the CLI calls this
+    after load_config; a missing file would otherwise surface as a traceback from deep in setup)."""
+    from data.c4 import is_local, local_files
+
+    tokenizer = cfg.data.tokenizer
+    if tokenizer != "sample" and not os.path.isfile(tokenizer):
+        raise ConfigError(f"data.tokenizer = {tokenizer!r} is not a file; pass a SentencePiece .model file "
+                          "(train one with `python -m data.tokenizer train`) or 'sample'")
+    if cfg.data.source != "sample" and is_local(cfg.data.source):
+        for split in ("train", "validation"):
+            try:
+                local_files(cfg.data.source, split)
+            except FileNotFoundError as e:
+                raise ConfigError(f"data.source: {e}") from None
+    run_dir = cfg.run_dir
+    existing = run_dir.absolute()
+    while not existing.exists():  # the run directory is created later; its nearest existing ancestor
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"log.run_dir = {str(run_dir)!r} cannot be created: {str(existing)!r} is a file; "
+                          "set log.run_dir to a directory you can write")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"log.run_dir = {str(run_dir)!r} cannot be written: {str(existing)!r} is not "
+                          "writable; set log.run_dir to a directory you can write")
 
 
 def apply_override(raw: dict, item: str) -> None:

@@ -139,6 +139,11 @@ def test_missing_config_file_is_named(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_yaml_syntax_error_is_a_config_error_naming_file_and_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp.yaml: invalid YAML at line 3, column 2: .*; fix the YAML syntax"):
+        load_config(write(tmp_path, "model:\n  size: nano\n train: [\n"))
+
+
 def test_resolved_config_yaml_loads_back_to_the_same_config(tmp_path):
     cfg = load_config(write(tmp_path, BASE), ["optim.lr=3e-3", "model.num_layers=3"], world_size=1)
     again = load_config(write(tmp_path, config_to_yaml(cfg), "again.yaml"), world_size=1)

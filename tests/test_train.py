@@ -157,6 +157,32 @@ def test_cli_config_error_exits_2_before_any_work(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("case", ["tokenizer", "data_glob", "yaml", "run_dir"])
+def test_cli_user_errors_are_one_line_with_exit_2_and_no_traceback(tmp_path, case):
+    config, overrides = nano_config(tmp_path), [f"log.run_dir={tmp_path / 'run'}"]
+    (tmp_path / "a_file").write_text("")
+    if case == "tokenizer":
+        overrides.append(f"data.tokenizer={tmp_path / 'none.model'}")
+        words = ["data.tokenizer", "none.model", "SentencePiece"]
+    elif case == "data_glob":
+        overrides.append(f"data.source={tmp_path / 'c4' / 'c4-train.*.json.gz'}")
+        words = ["data.source", "c4-train.*.json.gz", "matches no file"]
+    elif case == "yaml":
+        config = nano_config(tmp_path, "broken.yaml", NANO.replace("  seq_len: 32", "  seq_len: [32"))
+        words = ["broken.yaml", "invalid YAML at line 6", "fix the YAML"]
+    else:  # as root no permission stops a write, but no directory can be made under a file
+        overrides.append(f"log.run_dir={tmp_path / 'a_file' / 'run'}")
+        words = ["log.run_dir", "a_file' is a file", "set log.run_dir"]
+    result = run_cli("--config", config, "--set", *overrides, "train.max_steps=2")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pretrain: config error: "), result.stderr
+    for word in words:
+        assert word in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 QUIET_PROBE = """
 import sys
 import optim.subtrack
