@@ -26,6 +26,7 @@ import functools
 import math
 import random
 import signal
+import sys
 import threading
 import time
 
@@ -252,6 +253,19 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         metrics.log(step, {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0))})
         progress.write(f"step {step:>7d} | eval loss {loss:.4f} | perplexity {math.exp(min(loss, 80.0)):.2f}")
 
+    def save_after_failure(step: int, data_position: dict, error: Exception) -> None:
+        """Checkpoint the last completed step after step + 1 failed (one process); a failed save is
+        reported and the caller re-raises the original error either way."""
+        try:
+            loader.load_state_dict(data_position)  # un-read the failed step's batches: resume re-reads them
+            path = save(step)
+        except Exception as save_error:
+            print(f"pretrain: step {step + 1} failed ({error!r}); saving step {step} failed too "
+                  f"({save_error!r}); resume from an earlier checkpoint", file=sys.stderr, flush=True)
+            return
+        print(f"pretrain: step {step + 1} failed ({error!r}); saved checkpoint {path} of step {step} "
+              "(fix the cause and resume with --resume auto)", file=sys.stderr, flush=True)
+
     if step == 0:
         run_evaluation(0)
     batches = iter(loader)
@@ -264,38 +278,50 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
             stopped_by = signal.Signals(stop.signum).name
             break
 
-        t0 = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        lr = optimizer.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(accum):
-            batch = next(batches)
-            labels = batch["labels"].to(device, non_blocking=True)
-            with autocast():
-                logits = forward(batch["input_ids"].to(device, non_blocking=True))
-            loss = lm_loss(logits, labels) / accum  # mean over the global batch once summed
-            if mode == "deepspeed":
-                engine.backward(loss * accum)  # the engine divides by the accumulation steps itself
-                engine.step()  # averages over ranks, then clips and steps at the accumulation boundary only
-            else:
-                loss.backward()  # per_layer: every weight is stepped (and its gradient freed) in here
-            loss_sum += loss.detach()
+        # A failure in this step before the weights move (data, forward, backward) leaves the model and
+        # optimizer at the last completed step: save it, then re-raise. One process only: with several
+        # ranks a collective save could hang when only one rank failed.
+        boundary = loader.state_dict() if world == 1 else None  # the data position after the last step
+        weights_moving = False
+        try:
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            lr = optimizer.param_groups[0]["lr"]
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(accum):
+                batch = next(batches)
+                labels = batch["labels"].to(device, non_blocking=True)
+                with autocast():
+                    logits = forward(batch["input_ids"].to(device, non_blocking=True))
+                loss = lm_loss(logits, labels) / accum  # mean over the global batch once summed
+                weights_moving = weights_moving or mode in ("deepspeed", "per_layer")  # they step inside backward
+                if mode == "deepspeed":
+                    engine.backward(loss * accum)  # the engine divides by the accumulation steps itself
+                    engine.step()  # averages over ranks, then clips and steps at the accumulation boundary only
+                else:
+                    loss.backward()  # per_layer: every weight is stepped (and its gradient freed) in here
+                loss_sum += loss.detach()
 
-        if mode == "replicated":
-            distributed.average_gradients(model, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-        elif mode == "sharded":
-            grad_norm = optimizer.clip_grad_norm_(max_norm)  # reduce-scatter, then the true global norm
-            optimizer.step()  # each rank its own matrices, then all-gather the weights
-        elif mode == "deepspeed":
-            grad_norm = engine.get_global_grad_norm()  # measured by the sharded optimizer in engine.step()
-        else:  # per_layer
-            grad_norm = per_layer.pop_grad_norm()  # unclipped (clipping is refused with per-layer updates)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+            weights_moving = True  # from here the optimizer changes weights and state
+            if mode == "replicated":
+                distributed.average_gradients(model, world)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                optimizer.step()
+            elif mode == "sharded":
+                grad_norm = optimizer.clip_grad_norm_(max_norm)  # reduce-scatter, then the true global norm
+                optimizer.step()  # each rank its own matrices, then all-gather the weights
+            elif mode == "deepspeed":
+                grad_norm = engine.get_global_grad_norm()  # measured by the sharded optimizer in engine.step()
+            else:  # per_layer
+                grad_norm = per_layer.pop_grad_norm()  # unclipped (clipping is refused with per-layer updates)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+        except Exception as error:
+            if world == 1 and not weights_moving and step > start_step and saved_step != step:
+                save_after_failure(step, boundary, error)
+            raise
         if tc.replica_check_every and step % tc.replica_check_every == 0:
             checksums.append((step, distributed.check_replicas(model, world, step)))  # raises if ranks differ
 

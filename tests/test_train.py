@@ -207,6 +207,83 @@ def test_a_32_bit_run_prints_only_our_lines_and_imports_neither_bitsandbytes_nor
     assert result.stderr == ""
 
 
+class FailingLoader:
+    """The real train loader, raising at its micro-batch `fail_at` (0-based), as a lost disk would."""
+
+    def __init__(self, loader, fail_at):
+        self.loader, self.fail_at = loader, fail_at
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.fail_at:
+                raise OSError("shard vanished")
+            yield batch
+
+    def __getattr__(self, name):  # state_dict, load_state_dict, stats
+        return getattr(self.loader, name)
+
+
+def test_a_failure_between_steps_saves_the_last_completed_step_and_resume_continues(tmp_path, monkeypatch,
+                                                                                    capsys):
+    import data.loader
+
+    build = data.loader.build_train_loader
+    # 2 micro-batches per step: batch 5 is the second of step 3, so step 3 had already read one batch
+    monkeypatch.setattr(data.loader, "build_train_loader", lambda *a, **k: FailingLoader(build(*a, **k), 5))
+    run_dir, overrides = tmp_path / "run", ["train.max_steps=4", "train.eval_batches=1"]
+    with pytest.raises(OSError, match="shard vanished"):
+        train(load_config(nano_config(tmp_path), overrides + [f"log.run_dir={run_dir}"], world_size=1))
+    err = capsys.readouterr().err
+    assert "step 3 failed (OSError('shard vanished'))" in err and "saved checkpoint" in err and "of step 2" in err
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000002"]  # checkpoint.every is 0
+
+    monkeypatch.undo()
+    resumed = train(load_config(nano_config(tmp_path), overrides + [f"log.run_dir={run_dir}",
+                                                                     "checkpoint.resume=auto"], world_size=1))
+    assert resumed["start_step"] == 2 and resumed["step"] == 4
+    straight = train(load_config(nano_config(tmp_path), overrides + [f"log.run_dir={tmp_path / 'straight'}"],
+                                 world_size=1))
+    assert resumed["train_losses"] == straight["train_losses"][2:]  # the failed step's batch is read again
+
+
+def test_when_the_save_after_a_failure_fails_too_the_original_error_is_raised(tmp_path, monkeypatch, capsys):
+    import data.loader
+
+    build = data.loader.build_train_loader
+    monkeypatch.setattr(data.loader, "build_train_loader", lambda *a, **k: FailingLoader(build(*a, **k), 5))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("")  # no checkpoint directory can be made here
+    with pytest.raises(OSError, match="shard vanished"):
+        train(load_config(nano_config(tmp_path), ["train.max_steps=4", "train.eval_batches=1",
+                                                  f"log.run_dir={run_dir}"], world_size=1))
+    assert "step 3 failed (OSError('shard vanished')); saving step 2 failed too" in capsys.readouterr().err
+
+
+def test_a_failure_in_the_optimizer_step_saves_nothing(tmp_path, monkeypatch, capsys):
+    import optim.factory
+
+    build, calls = optim.factory.build_optimizer, []
+
+    def failing_optimizer(model, cfg):  # the third step fails; its weights may be half updated
+        optimizer = build(model, cfg)
+
+        def pre_step(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise FloatingPointError("update is not finite")
+
+        optimizer.register_step_pre_hook(pre_step)
+        return optimizer
+
+    monkeypatch.setattr(optim.factory, "build_optimizer", failing_optimizer)
+    run_dir = tmp_path / "run"
+    with pytest.raises(FloatingPointError):
+        train(load_config(nano_config(tmp_path), ["train.max_steps=4", "train.eval_batches=1",
+                                                  f"log.run_dir={run_dir}"], world_size=1))
+    assert not (run_dir / "checkpoints").exists() and "saved checkpoint" not in capsys.readouterr().err
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """micro 2 x 2 accumulation steps and micro 4 x 1 see the same 4 sequences: same update."""
     runs = {}
