@@ -80,7 +80,7 @@ def pack(x: torch.Tensor, signed: bool) -> dict[str, torch.Tensor]:
     non-negative values (second moments; a negative value would be clipped to 0).
     """
     codes, state = _bnbf().quantize_blockwise(x.detach().float().contiguous(),
-                                           code=dynamic_map(signed, x.device), blocksize=BLOCKSIZE)
+                                              code=dynamic_map(signed, x.device), blocksize=BLOCKSIZE)
     return {"codes": codes, "absmax": state.absmax}
 
 
@@ -88,7 +88,7 @@ def unpack(packed: dict[str, torch.Tensor], signed: bool) -> torch.Tensor:
     """Inverse of `pack`: float32 tensor of the codes' shape (x up to the quantization error)."""
     codes, absmax = packed["codes"], packed["absmax"]
     return _bnbf().dequantize_blockwise(codes, absmax=absmax, code=dynamic_map(signed, codes.device),
-                                     blocksize=BLOCKSIZE)
+                                        blocksize=BLOCKSIZE)
 
 
 def pack_into(packed: dict[str, torch.Tensor], x: torch.Tensor, signed: bool) -> None:
