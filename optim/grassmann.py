@@ -208,25 +208,39 @@ def basis_change(old: torch.Tensor, new: torch.Tensor, side: str) -> torch.Tenso
     return new.t() @ old if side == LEFT else old @ new.t()
 
 
-def rotate_moments(M: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, side: str, compat_beta2: float | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_moments(M: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, side: str, compat_beta2: float | None = None,
+                   mean_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Projection-aware Adam moments after the basis changes by Q (see `basis_change`).
 
-    Left (M, V: (r, n)):  M' = Q M,  V' = max(0, (Q*Q)(V - M*M) + (Q M)*(Q M))
-    Right (M, V: (m, r)): M' = M Q,  V' = max(0, (V - M*M)(Q*Q) + (M Q)*(M Q))
-    (* element-wise). compat_beta2 reproduces the published SubTrack++ code instead:
-    abs() in place of the clip and V' multiplied by (1 - beta2).
+    Left (M, V: (r, n)):  M' = Q M,  V' = max(0, (Q*Q)(V - w M*M) + w (Q M)*(Q M))
+    Right (M, V: (m, r)): M' = M Q,  V' = max(0, (V - w M*M)(Q*Q) + w (M Q)*(M Q))
+    (* element-wise). The derivation rotates the variance V - M*M of bias-corrected moments
+    (M / (1 - beta1^t), V / (1 - beta2^t)); on the raw buffers that is the weight
+    w = mean_weight = (1 - beta2^t) / (1 - beta1^t)^2. With w = 1 early in training, when raw V is
+    still far below M*M (beta2 > beta1), V - M*M is negative, V' is clipped to ~0 where M' is not,
+    and Adam's M' / (sqrt(V') + eps) jumps by orders of magnitude right after the move.
+    compat_beta2 reproduces the published SubTrack++ code instead: abs() in place of the clip,
+    V' multiplied by (1 - beta2), and w = 1.
     """
     Q2 = Q * Q
+    w = 1.0 if compat_beta2 is not None else mean_weight
     if side == LEFT:
         M_new = Q @ M
-        V_new = Q2 @ (V - M * M) + M_new * M_new
+        V_new = Q2 @ (V - w * M * M) + w * M_new * M_new
     else:
         M_new = M @ Q
-        V_new = (V - M * M) @ Q2 + M_new * M_new
+        V_new = (V - w * M * M) @ Q2 + w * M_new * M_new
     if compat_beta2 is None:
         return M_new, V_new.clamp_min_(0.0)
     return M_new, V_new.abs_().mul_(1.0 - compat_beta2)
+
+
+def adam_mean_weight(betas: tuple[float, float], t: int) -> float:
+    """(1 - beta2^t) / (1 - beta1^t)^2: M*M in the units of raw V, after t Adam steps (1 when t = 0)."""
+    if t <= 0:
+        return 1.0
+    beta1, beta2 = betas
+    return (1.0 - beta2 ** t) / (1.0 - beta1 ** t) ** 2
 
 
 def largest_principal_angle(old: torch.Tensor, new: torch.Tensor, side: str) -> torch.Tensor:

@@ -63,7 +63,8 @@ class ReferenceSubTrack:
             if self.moments == "rotate":
                 Q = S_new.T @ S
                 M_new = Q @ self.M
-                self.V = torch.clamp((Q * Q) @ (self.V - self.M * self.M) + M_new * M_new, min=0)
+                w = (1 - b2 ** self.t) / (1 - b1 ** self.t) ** 2  # bias-corrected variance, on raw buffers
+                self.V = torch.clamp((Q * Q) @ (self.V - w * self.M * self.M) + w * M_new * M_new, min=0)
                 self.M = M_new
             self.S = S_new
         S = self.S

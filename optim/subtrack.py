@@ -215,7 +215,8 @@ class SubTrackAdamW(torch.optim.Optimizer):
             exp_avg, exp_avg_sq = self._load_moments(state)
             compat = group["betas"][1] if group["rotate_compat"] else None
             Q = gm.basis_change(old, new_basis, side)
-            self._store_moments(state, *gm.rotate_moments(exp_avg, exp_avg_sq, Q, side, compat))
+            weight = gm.adam_mean_weight(group["betas"], int(state["moment_step"]))
+            self._store_moments(state, *gm.rotate_moments(exp_avg, exp_avg_sq, Q, side, compat, weight))
         elif group["moments"] == "reset":
             zeros = torch.zeros(state["exp_avg"].shape, dtype=state["angle"].dtype, device=state["basis"].device)
             self._store_moments(state, zeros, zeros)
