@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from optim.options import STATE_BITS, check
+
 BLOCKSIZE = 256  # the block size of bitsandbytes' blockwise 8-bit optimizers (CPU supports only this)
 MIN_8BIT_NUMEL = 4096  # bitsandbytes' default min_8bit_size: smaller tensors keep float32 state
 ABSMAX_SUFFIX = "_absmax"
@@ -64,8 +66,7 @@ def packed_nbytes(numel: int) -> int:
 
 def use_8bit(numel: int, state_bits: int) -> bool:
     """Whether a moment of `numel` elements is stored in 8 bits under `state_bits`."""
-    if state_bits not in (8, 32):
-        raise ValueError(f"state_bits {state_bits} must be 8 or 32")
+    check(STATE_BITS, state_bits)
     return state_bits == 8 and numel >= MIN_8BIT_NUMEL
 
 

@@ -431,6 +431,7 @@ def check_rank_fits(cfg: RunConfig, model) -> None:
     """A projected preset's optim.rank is set and at most min(m, n) of every projected weight:
     q, o (hidden, hidden), k, v (kv_heads * head_dim, hidden), gate, up, down (intermediate, hidden)."""
     from optim.factory import PRESETS
+    from optim.options import rank_fits
 
     name = getattr(cfg.optim, "name", "adamw")
     if PRESETS.get(name) is None:
@@ -441,7 +442,7 @@ def check_rank_fits(cfg: RunConfig, model) -> None:
     limits = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
               "num_kv_heads x head_dim": model.num_kv_heads * model.head_dim}
     bound, limit = min((v, k) for k, v in limits.items())
-    if cfg.optim.rank > bound:
+    if not rank_fits(cfg.optim.rank, tuple(limits.values())):
         raise ConfigError(f"optim.rank = {cfg.optim.rank} exceeds the smallest side of the projected weights, "
                           f"{limit} = {bound} (model.size {cfg.model.size!r}); set optim.rank <= {bound} "
                           f"(e.g. {max(1, model.hidden_size // 4)}, a quarter of hidden_size)")
