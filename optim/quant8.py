@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from optim.nbytes import tensor_bytes
 from optim.options import STATE_BITS, check
 
 BLOCKSIZE = 256  # the block size of bitsandbytes' blockwise 8-bit optimizers (CPU supports only this)
@@ -143,7 +144,7 @@ def write_moment(state: dict, key: str, x: torch.Tensor, signed: bool) -> None:
 def moment_nbytes(state: dict, key: str) -> int:
     """Bytes the moment at state[key] occupies (codes + absmax, or the float32 tensor)."""
     tensors = [state[key]] + ([state[key + ABSMAX_SUFFIX]] if is_8bit(state, key) else [])
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return tensor_bytes(tensors)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from optim.nbytes import tensor_bytes
+
 FLATTENED_HINT = (
     "a matrix optimizer needs each projected weight whole and 2-D. DeepSpeed ZeRO stage >= 1 (and, "
     "on GPUs, its bf16 optimizer wrapper) hands the optimizer flattened 1-D partitions: use ZeRO "
@@ -100,16 +102,6 @@ def _plan_buckets(owners: dict[str, int], numels: dict[str, int], dtypes: dict[s
             segment = max((off + n for s in slots for _, off, n in s), default=0)
             buckets.append(_Bucket(dtype, segment, slots))
     return buckets
-
-
-def _tensor_bytes(obj) -> int:
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
 
 
 _NOT_HYPER = ("params", "names", "param_names")
@@ -244,7 +236,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 recv = torch.empty(b.segment, dtype=b.dtype, device=self._device)
                 _reduce_scatter(recv, send, op=dist.ReduceOp.SUM, group=self.process_group)
                 recv.div_(world)
-                self.comm_bytes["reduce_scatter"] += send.numel() * send.element_size()
+                self.comm_bytes["reduce_scatter"] += tensor_bytes(send)
             else:
                 recv = send
             for name, off, numel in b.slots[rank]:
@@ -266,7 +258,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 send[off: off + numel].copy_(self._params[name].detach().reshape(-1))
             recv = torch.empty(world * b.segment, dtype=b.dtype, device=self._device)
             _all_gather(recv, send, group=self.process_group)
-            self.comm_bytes["all_gather"] += recv.numel() * recv.element_size()
+            self.comm_bytes["all_gather"] += tensor_bytes(recv)
             for r, slots in enumerate(b.slots):
                 if r == rank:
                     continue
@@ -304,7 +296,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             norms[[slot[n] for n in mine]] = torch.stack(local).float()
         if self.world_size > 1:
             dist.all_reduce(norms, op=dist.ReduceOp.SUM, group=self.process_group)
-            self.comm_bytes["all_reduce"] += norms.numel() * norms.element_size()
+            self.comm_bytes["all_reduce"] += tensor_bytes(norms)
         total = torch.linalg.vector_norm(norms, 2.0)
         torch.nn.utils.clip_grads_with_norm_([self._params[n] for n in mine], max_norm, total)
         self._clipped = True
@@ -341,7 +333,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held by THIS rank (tensors in the inner optimizer's state)."""
-        return sum(_tensor_bytes(s) for s in self.inner.state.values())
+        return tensor_bytes(list(self.inner.state.values()))
 
     def pop_subspace_stats(self):
         """The inner optimizer's subspace statistics from every rank, merged (None if it has none).
@@ -503,7 +495,7 @@ def state_costs(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     for g in optimizer.param_groups:
         for name, p in zip(g["names"], g["params"]):
             state = optimizer.state.get(p)
-            costs[name] = _tensor_bytes(state) if state else 2 * p.numel() * p.element_size()
+            costs[name] = tensor_bytes(state) if state else 2 * tensor_bytes(p)
     return costs
 
 

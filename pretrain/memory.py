@@ -60,6 +60,7 @@ from models.llama import LlamaConfig
 from models.sizes import build_model, get_config
 from optim import quant8
 from optim.factory import PRESETS, is_projected
+from optim.nbytes import tensor_bytes
 from optim.options import STATE_BITS, check
 
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
@@ -311,9 +312,4 @@ def measure_saved_activations(fn, exclude=()) -> int:
 
 def state_tensor_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's state (distinct storages)."""
-    storages = {}
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
-    return sum(storages.values())
+    return tensor_bytes(list(optimizer.state.values()), distinct_storages=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from optim import quant8
+from optim.nbytes import tensor_bytes
 
 N = quant8.BLOCKSIZE * 1024  # 1024 blocks per case keeps each test well under a second
 
@@ -78,8 +79,7 @@ def test_8bit_moment_bytes_at_most_30pct_of_float32_and_small_tensors_stay_float
     for key in ("exp_avg", "exp_avg_sq"):
         quant8.init_moment(state8, key, (128, 1376), "cpu", state_bits=8)  # SubTrack++ moments of a 60m MLP weight
         quant8.init_moment(state32, key, (128, 1376), "cpu", state_bits=32)
-    bytes8 = sum(t.numel() * t.element_size() for t in state8.values())
-    bytes32 = sum(t.numel() * t.element_size() for t in state32.values())
+    bytes8, bytes32 = tensor_bytes(state8), tensor_bytes(state32)
     assert bytes8 == 2 * quant8.packed_nbytes(128 * 1376)
     assert bytes8 == sum(quant8.moment_nbytes(state8, k) for k in ("exp_avg", "exp_avg_sq"))
     assert bytes8 <= 0.30 * bytes32  # 0.254: one byte per element + 4 bytes per 256

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from models.sizes import build_model
 from optim import grassmann
 from optim.factory import OptimConfig, build_optimizer
+from optim.nbytes import tensor_bytes
 from optim.sharded import ShardedOptimizer, assign_owners, build_sharded_optimizer
 from tests.distributed import run_distributed
 
@@ -157,7 +158,7 @@ def single_process(preset, tmp):
     opt = build_optimizer(model, OptimConfig(**CONFIGS[preset]))
     with count_subspace_calls() as calls:
         train(model, opt, 0, STEPS, clip=lambda c: torch.nn.utils.clip_grad_norm_(model.parameters(), c))
-    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    state_bytes = tensor_bytes(list(opt.state.values()))
     ref = {"weights": weights(model), "calls": dict(calls), "state_bytes": state_bytes,
            "projected": [n for g in opt.param_groups if "rank" in g for n in g["names"]]}
     ckpt = os.path.join(tmp, f"{preset}-w1")
