@@ -395,22 +395,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             ig["names"] = list(names)
             wg.update({k: v for k, v in saved.items() if k not in _NOT_HYPER})
 
-    def consolidated_state_dict(self, dst: int = 0) -> dict | None:
-        """Collective: every rank's shard merged on rank `dst` (state keyed by name, as
-        `state_dict()`); None on the other ranks. `load_state_dict` takes it at any world size.
-        Holds the whole optimizer state on one rank: prefer `save_sharded` for large models."""
-        shard = self.state_dict()
-        if self.world_size == 1:
-            return shard
-        shards = [None] * self.world_size if self.rank == dst else None
-        dist.gather_object(shard, shards, dst=dst, group=self.process_group)
-        if self.rank != dst:
-            return None
-        merged = dict(shard, rank=None, owned=list(self.owners), state={})
-        for s in shards:
-            merged["state"].update(s["state"])
-        return merged
-
     def save_sharded(self, directory: str):
         """Every rank writes `rank<rank:05d>.pt` (the checkpoint layout's optimizer/ file names);
         rank 0 writes `index.json` (world size, owner of each name, files).

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from optim import grassmann as gm
-from optim.reference import exp_map
 from optim.subtrack import SubTrackAdamW
+from tests.reference import exp_map
 
 
 def orthonormal(m, r, generator=None, dtype=torch.float32):

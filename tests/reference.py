@@ -1,8 +1,8 @@
 """A slow, obviously correct SubTrack++ for one weight matrix, written formula by formula from DESIGN.md.
 
 Float64, no in-place tricks, the Grassmann step taken by the matrix exponential and the tangent's
-singular triplet by a full SVD. Tests compare optim.subtrack.SubTrackAdamW against it; nothing
-else should use it. The right-side case is the left-side one on transposes.
+singular triplet by a full SVD. Tests compare optim.subtrack.SubTrackAdamW against it (it lives
+in tests/: nothing else uses it). The right-side case is the left-side one on transposes.
 """
 from __future__ import annotations
 
