@@ -1,7 +1,7 @@
 """Build an optimizer of the SubTrack++ family from a config.
 
 `OptimConfig` is the `optim` section of a run config; `PRESETS` names the methods
-(DESIGN.md: a method is a subspace rule, a moment rule and a residual rule);
+(docs/architecture.md: a method is a subspace rule, a moment rule and a residual rule);
 `param_groups(model, ...)` decides which weights are projected; `build_optimizer`
 puts the two together.
 """
@@ -17,7 +17,7 @@ from optim.options import PROJECTED, STATE_BITS, check, check_rank, option
 
 _DEFAULT = {o.field: o.config_default for o in PROJECTED if o.field}
 
-# The three choices of each low-rank preset (DESIGN.md, "The optimizer family").
+# The three choices of each low-rank preset (docs/architecture.md, "The optimizer family").
 PRESETS: dict[str, dict | None] = {
     "adamw": None,  # no projected groups: torch.optim.AdamW itself
     "galore": {"subspace": "svd", "moments": "keep", "residual": "drop"},

@@ -1,7 +1,7 @@
 """SubTrackAdamW: AdamW with low-rank projected weights (SubTrack++, GaLore, Fira, SubTrack).
 
 A param group with a `rank` key is projected (galore-torch's keys `rank`, `update_proj_gap`,
-`scale`, `proj_type`, plus the three choices of DESIGN.md):
+`scale`, `proj_type`, plus the three choices of docs/architecture.md, "The optimizer family"):
 
     subspace  "grassmann" (SVD once, then a rank-1 geodesic step every update_proj_gap steps)
               | "svd" (SVD of the gradient every update_proj_gap steps)

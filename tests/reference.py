@@ -1,4 +1,5 @@
-"""A slow, obviously correct SubTrack++ for one weight matrix, written formula by formula from DESIGN.md.
+"""A slow, obviously correct SubTrack++ for one weight matrix, written formula by formula from
+docs/architecture.md ("Design cited by the code").
 
 Float64, no in-place tricks, the Grassmann step taken by the matrix exponential and the tangent's
 singular triplet by a full SVD. Tests compare optim.subtrack.SubTrackAdamW against it (it lives
