@@ -38,17 +38,9 @@ class OptimConfig:
     rank / update_interval: None = not set; the run config fills them from the paper's value for
         the model size (models.PAPER_RANK), and a projected preset refuses to build without them.
     subspace / moments / residual: None takes the preset's choice; a value overrides it.
-    step_size: "auto" (closed-form best angle, times auto_damping) or eta (angle = eta * sigma, capped
-        at the best angle so an update never raises the estimation error: optim.grassmann.capped_angle).
-    geodesic_rank: directions of the tangent moved per subspace update (1: the paper's rank-1 step).
-    recovery_scaled_back: True follows the published Fira / SubTrack++ code (residual
-        G - scale * back(R)); False uses the exact residual G - back(R).
-    scale_recovery: True multiplies the recovery term by `scale` like the in-subspace update; False
-        (the published code) adds it at the full lr.
-    rotate_compat: True reproduces the published SubTrack++ moment rotation (abs() and an extra
-        (1 - beta2) on V); False follows the derivation (clip at 0).
-    state_bits: 32, or 8 for blockwise 8-bit moments (optim/quant8.py; any preset).
-    basis_dtype: "float32" or "bfloat16", the storage dtype of the bases S / P (their math stays float32).
+    The other low-rank fields (scale, step_size, geodesic_rank, auto_damping, max_angle, accumulate,
+        limiter, recovery_scaled_back, scale_recovery, rotate_compat, basis_dtype) and state_bits:
+        default, allowed values and meaning in optim/options.py, which __post_init__ checks against.
     per_layer: step each weight in its post-accumulate-grad hook and free its gradient at once
         (optim/per_layer.py; the training loop attaches it: one rank, no accumulation, no clipping).
     """
