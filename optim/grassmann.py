@@ -1,6 +1,6 @@
 """Grassmannian subspace math for low-rank optimizers: pure functions on tensors.
 
-Notation follows DESIGN.md. A projected weight's gradient is G: (m, n). Its subspace is held
+Notation follows docs/architecture.md ("Design cited by the code"). A projected weight's gradient is G: (m, n). Its subspace is held
 as an orthonormal basis on one side:
 
     left  (m < n):  S: (m, r), S^T S = I,   R = S^T G: (r, n),  back(N) = S N

@@ -18,15 +18,15 @@ Three layers, from low to high:
   float32 moment itself when it stays 32-bit) and ``state[key + "_absmax"]`` (float32, one per
   block; absent in 32-bit). Reading always gives float32; writing re-quantizes in place, so the
   state tensors keep their identity (what a sharded wrapper or a pre-populated state expects).
-- ``init_adamw_state / adamw_step``: bitsandbytes' fused blockwise 8-bit AdamW update of one
-  tensor (CPU and CUDA kernels), for weights that are not projected.
-
-``keep_state_dtypes_on_load(optimizer)`` stops ``Optimizer.load_state_dict`` from casting the
-float32 absmax (and any float32 state) to the dtype of bf16 weights.
+- ``adamw_step``: bitsandbytes' fused blockwise 8-bit AdamW update of one tensor (CPU and CUDA
+  kernels), for weights that are not projected (its state made by ``init_moment``).
 """
 from __future__ import annotations
 
 import torch
+
+from optim.nbytes import tensor_bytes
+from optim.options import STATE_BITS, check
 
 BLOCKSIZE = 256  # the block size of bitsandbytes' blockwise 8-bit optimizers (CPU supports only this)
 MIN_8BIT_NUMEL = 4096  # bitsandbytes' default min_8bit_size: smaller tensors keep float32 state
@@ -64,8 +64,7 @@ def packed_nbytes(numel: int) -> int:
 
 def use_8bit(numel: int, state_bits: int) -> bool:
     """Whether a moment of `numel` elements is stored in 8 bits under `state_bits`."""
-    if state_bits not in (8, 32):
-        raise ValueError(f"state_bits {state_bits} must be 8 or 32")
+    check(STATE_BITS, state_bits)
     return state_bits == 8 and numel >= MIN_8BIT_NUMEL
 
 
@@ -142,21 +141,12 @@ def write_moment(state: dict, key: str, x: torch.Tensor, signed: bool) -> None:
 def moment_nbytes(state: dict, key: str) -> int:
     """Bytes the moment at state[key] occupies (codes + absmax, or the float32 tensor)."""
     tensors = [state[key]] + ([state[key + ABSMAX_SUFFIX]] if is_8bit(state, key) else [])
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return tensor_bytes(tensors)
 
 
 # ---------------------------------------------------------------------------------------------
 # bitsandbytes' fused 8-bit AdamW on one tensor (non-projected weights)
 # ---------------------------------------------------------------------------------------------
-
-def init_adamw_state(p: torch.Tensor, state_bits: int = 8) -> dict[str, torch.Tensor]:
-    """AdamW state for p: step (float32 scalar), exp_avg and exp_avg_sq (8-bit codes + absmax,
-    or float32 when p has fewer than MIN_8BIT_NUMEL elements or state_bits is 32)."""
-    state = {"step": torch.tensor(0.0)}
-    init_moment(state, "exp_avg", p.shape, p.device, state_bits)
-    init_moment(state, "exp_avg_sq", p.shape, p.device, state_bits)
-    return state
-
 
 @torch.no_grad()
 def adamw_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, betas=(0.9, 0.999),
@@ -186,38 +176,3 @@ def adamw_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, beta
         bnbf.optimizer_update_32bit(
             "adam", grad, p, state["exp_avg"], beta1, eps, step, lr, state["exp_avg_sq"], beta2,
             weight_decay=weight_decay)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-def keep_state_dtypes_on_load(optimizer: torch.optim.Optimizer) -> None:
-    """Make ``optimizer.load_state_dict`` keep the saved dtype of every state tensor.
-
-    torch (2.13) casts every state tensor but "step" to a floating-point parameter's dtype on
-    load, whatever the tensor's own dtype: uint8 codes would come back as float32 (or bf16) and
-    a float32 absmax or basis would be rounded to bf16 beside bf16 weights. The hooks put the
-    saved tensors back (moved to the parameter's device), so a resume continues bit-exactly.
-    (bitsandbytes' own optimizers override load_state_dict for the same reason.)
-    """
-    saved: dict[int, dict] = {}
-
-    def pre_hook(opt, state_dict):
-        saved.clear()
-        saved.update({int(i): dict(s) for i, s in state_dict["state"].items()})
-        saved["__groups__"] = [list(g["params"]) for g in state_dict["param_groups"]]
-        return None
-
-    def post_hook(opt):
-        saved_ids = [i for ids in saved.pop("__groups__") for i in ids]
-        params = [p for g in opt.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            for key, value in saved.get(int(saved_id), {}).items():
-                # "step" is left to torch, which keeps it where its update expects it.
-                if key != "step" and torch.is_tensor(value) and key in opt.state[p]:
-                    opt.state[p][key] = value.to(p.device)
-        saved.clear()
-
-    optimizer.register_load_state_dict_pre_hook(pre_hook)
-    optimizer.register_load_state_dict_post_hook(post_hook)

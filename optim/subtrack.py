@@ -1,7 +1,7 @@
 """SubTrackAdamW: AdamW with low-rank projected weights (SubTrack++, GaLore, Fira, SubTrack).
 
 A param group with a `rank` key is projected (galore-torch's keys `rank`, `update_proj_gap`,
-`scale`, `proj_type`, plus the three choices of DESIGN.md):
+`scale`, `proj_type`, plus the three choices of docs/architecture.md, "The optimizer family"):
 
     subspace  "grassmann" (SVD once, then a rank-1 geodesic step every update_proj_gap steps)
               | "svd" (SVD of the gradient every update_proj_gap steps)
@@ -16,7 +16,8 @@ tangent's top k directions at once, each at its own best angle), `auto_damping`,
 `scale_recovery` (True: the recovery term is multiplied by `scale` too, like the in-subspace
 update; False: at the full lr, as the published code),
 `rotate_compat` (True: the published SubTrack++ V rotation), `basis_dtype` ("float32" or
-"bfloat16": how the basis is stored). Other groups are plain AdamW.
+"bfloat16": how the basis is stored). Other groups are plain AdamW. Each key's default, allowed values
+and doc are declared once in optim/options.py, which fills and checks every projected group.
 
 The Adam arithmetic (bias correction folded into the step size, eps added to sqrt(V), weight
 decay after the update) follows galore-torch / fira so the presets reproduce them. The math of
@@ -58,27 +59,8 @@ import torch
 
 from optim import grassmann as gm
 from optim import quant8
+from optim.options import PROJECTED, PROJECTED_DEFAULTS, STATE_BITS, check, check_rank
 
-PROJECTED_DEFAULTS = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    "subspace": "grassmann",
-    "moments": "rotate",
-    "residual": "recover",
-    "step_size": "auto",
-    "geodesic_rank": 1,
-    "auto_damping": 1.0,
-    "max_angle": None,
-    "accumulate": False,
-    "limiter": 1.01,
-    "recovery_scaled_back": True,
-    "scale_recovery": False,
-    "rotate_compat": False,
-    "basis_dtype": "float32",
-}
-CHOICES = {"subspace": ("grassmann", "svd"), "moments": ("rotate", "keep", "reset"), "residual": ("recover", "drop"),
-           "basis_dtype": ("float32", "bfloat16")}
 logger = logging.getLogger(__name__)
 
 
@@ -97,8 +79,7 @@ class SubTrackAdamW(torch.optim.Optimizer):
             raise ValueError(f"betas {betas} must lie in [0, 1)")
         if not eps >= 0:
             raise ValueError(f"eps {eps} must be >= 0")
-        if state_bits not in (8, 32):
-            raise ValueError(f"state_bits {state_bits} must be 32 or 8")
+        check(STATE_BITS, state_bits)
         self._angles: list[torch.Tensor] = []
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
                                   "state_bits": state_bits})
@@ -116,26 +97,14 @@ class SubTrackAdamW(torch.optim.Optimizer):
             self._init_state(p, group)
 
     def _check_projected_group(self, group: dict) -> None:
-        for key, allowed in CHOICES.items():
-            if group[key] not in allowed:
-                raise ValueError(f"{key} {group[key]!r} is unknown; choose one of {list(allowed)}")
-        step_size = group["step_size"]
-        if not (step_size == "auto" or (not isinstance(step_size, str) and float(step_size) > 0)):
-            raise ValueError(f"step_size {step_size!r} must be a positive number or 'auto'")
-        if isinstance(group["geodesic_rank"], bool) or int(group["geodesic_rank"]) != group["geodesic_rank"] \
-                or group["geodesic_rank"] < 1:
-            raise ValueError(f"geodesic_rank {group['geodesic_rank']!r} must be a positive integer")
-        if int(group["update_proj_gap"]) < 1:
-            raise ValueError(f"update_proj_gap {group['update_proj_gap']} must be >= 1")
+        for opt in PROJECTED:  # the declarations of optim/options.py
+            check(opt, group[opt.key])
         names = group.get("names") or [f"parameter {i} of the group" for i in range(len(group["params"]))]
         for name, p in zip(names, group["params"]):
             if p.ndim != 2:
                 raise ValueError(f"{name} has shape {tuple(p.shape)}; only 2-D weights can be projected "
                                  "(put it in a group without 'rank')")
-            if not 1 <= group["rank"] <= min(p.shape):
-                raise ValueError(f"rank {group['rank']} exceeds min(m, n) = {min(p.shape)} for {name} of shape "
-                                 f"{tuple(p.shape)}; lower the rank")
-            gm.projection_side(tuple(p.shape), group["proj_type"])  # validates proj_type
+            check_rank(group["rank"], p.shape, name, "lower the rank")
 
     def _init_state(self, p: torch.Tensor, group: dict) -> None:
         """Create every state tensor up front so state_dict() is complete before the first step."""

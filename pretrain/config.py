@@ -26,6 +26,9 @@ from typing import Any, Literal
 
 import yaml
 
+from data.loader import DataConfig  # neither data/ nor optim/ imports pretrain/: no cycle
+from optim.factory import OptimConfig
+
 
 class ConfigError(ValueError):
     """A config that cannot run: the message names the key, the bad value and the fix."""
@@ -92,8 +95,8 @@ class CheckpointConfig:
 class RunConfig:
     name: str = "run"
     model: ModelSection = field(default_factory=ModelSection)
-    data: Any = None  # data.loader.DataConfig (imported lazily: data/ is built separately)
-    optim: Any = None  # optim.factory.OptimConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -105,9 +108,6 @@ class RunConfig:
 
 def section_classes() -> dict[str, type]:
     """The dataclass of each section (data and optim come from their packages)."""
-    from data.loader import DataConfig
-    from optim.factory import OptimConfig
-
     return {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "log": LogConfig,
             "checkpoint": CheckpointConfig}
 
@@ -212,7 +212,7 @@ def fill_paper_rank(raw: dict) -> None:
     Works on the raw mapping so an explicit value is told apart from a dataclass default.
     """
     from models.sizes import PAPER_RANK
-    from optim.factory import PRESETS, OptimConfig
+    from optim.factory import PRESETS
 
     model, optim = raw.get("model") or {}, raw.setdefault("optim", {})
     if optim is None:
@@ -401,7 +401,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     if t.deepspeed is not None and not Path(t.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed = {t.deepspeed!r} is not a file; pass a DeepSpeed JSON such as "
                           "configs/deepspeed/zero0.json (or drop --deepspeed)")
-    if getattr(cfg.optim, "per_layer", False):
+    if cfg.optim.per_layer:
         if t.deepspeed is not None:
             raise ConfigError("optim.per_layer steps each weight in its gradient hook, which the DeepSpeed engine "
                               "does not allow; drop --deepspeed or set optim.per_layer: false")
@@ -415,7 +415,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError(f"checkpoint.every = {ck.every} must be >= 0 (0: only at the end)")
     if ck.resume not in (None, "auto") and not Path(ck.resume).is_dir():
         raise ConfigError(f"checkpoint.resume = {ck.resume!r} is neither 'auto' nor an existing checkpoint directory")
-    seq_len = getattr(cfg.data, "seq_len", None)
+    seq_len = cfg.data.seq_len
     max_seq_len = cfg.model.overrides.get("max_seq_len")
     if seq_len is not None and max_seq_len is not None and max_seq_len < seq_len:
         raise ConfigError(f"model.max_seq_len = {max_seq_len} is shorter than data.seq_len = {seq_len}; "
@@ -431,17 +431,18 @@ def check_rank_fits(cfg: RunConfig, model) -> None:
     """A projected preset's optim.rank is set and at most min(m, n) of every projected weight:
     q, o (hidden, hidden), k, v (kv_heads * head_dim, hidden), gate, up, down (intermediate, hidden)."""
     from optim.factory import PRESETS
+    from optim.options import rank_fits
 
-    name = getattr(cfg.optim, "name", "adamw")
-    if PRESETS.get(name) is None:
+    name = cfg.optim.name
+    if PRESETS[name] is None:
         return  # adamw projects nothing
     for key in ("rank", "update_interval"):
-        if getattr(cfg.optim, key, None) is None:
+        if getattr(cfg.optim, key) is None:
             raise ConfigError(f"optim.{key} is not set for optim.name {name!r}; set optim.{key}")
     limits = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
               "num_kv_heads x head_dim": model.num_kv_heads * model.head_dim}
     bound, limit = min((v, k) for k, v in limits.items())
-    if cfg.optim.rank > bound:
+    if not rank_fits(cfg.optim.rank, tuple(limits.values())):
         raise ConfigError(f"optim.rank = {cfg.optim.rank} exceeds the smallest side of the projected weights, "
                           f"{limit} = {bound} (model.size {cfg.model.size!r}); set optim.rank <= {bound} "
                           f"(e.g. {max(1, model.hidden_size // 4)}, a quarter of hidden_size)")
@@ -458,9 +459,7 @@ def resolve_model_config(cfg: RunConfig, tokenizer_vocab_size: int):
     from models.sizes import get_config
 
     fields = {"vocab_size": round_up(tokenizer_vocab_size, 64)}
-    seq_len = getattr(cfg.data, "seq_len", None)
-    if seq_len is not None:
-        fields["max_seq_len"] = seq_len
+    fields["max_seq_len"] = cfg.data.seq_len
     fields.update(cfg.model.overrides)
     return get_config(cfg.model.size, **fields)
 

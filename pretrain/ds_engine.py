@@ -4,7 +4,7 @@ DeepSpeed runs the launcher, gradient averaging and its TensorBoard monitor; the
 optimizer is ours (optim.sharded.ShardedOptimizer with `reduce_gradients=False`, which shards
 optimizer state by whole matrices), and so is mixed precision (torch.autocast in the loop).
 Settings that would hand a matrix optimizer flattened weights are refused before DeepSpeed is
-imported (DESIGN.md, "Matrix-granular ZeRO sharding"): ZeRO stage >= 1 (one flat 1-D
+imported (docs/architecture.md, "Matrix-granular ZeRO sharding"): ZeRO stage >= 1 (one flat 1-D
 partition per rank) and the bf16 / fp16 sections (on GPUs, BF16_Optimizer flattens too).
 
 Gradient clipping comes from the JSON (or the run config for "auto"); with the sharded

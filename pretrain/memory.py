@@ -60,6 +60,8 @@ from models.llama import LlamaConfig
 from models.sizes import build_model, get_config
 from optim import quant8
 from optim.factory import PRESETS, is_projected
+from optim.nbytes import tensor_bytes
+from optim.options import STATE_BITS, check
 
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
 LOW_RANK = tuple(name for name, preset in PRESETS.items() if preset is not None)
@@ -207,8 +209,7 @@ def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: in
         raise ValueError(f"unknown optimizer {optim_name!r}; choose one of {sorted(PRESETS)}")
     if optim_name in LOW_RANK and (rank is None or rank < 1):
         raise ValueError(f"optimizer {optim_name!r} projects gradients and needs a positive rank, got {rank!r}")
-    if state_bits not in (8, 32):
-        raise ValueError(f"state_bits {state_bits} must be 8 or 32")
+    check(STATE_BITS, state_bits)
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device {device!r} must be 'cuda' or 'cpu'")
     cfg = get_config(size_or_cfg, **config_overrides)
@@ -311,9 +312,4 @@ def measure_saved_activations(fn, exclude=()) -> int:
 
 def state_tensor_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's state (distinct storages)."""
-    storages = {}
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
-    return sum(storages.values())
+    return tensor_bytes(list(optimizer.state.values()), distinct_storages=True)

@@ -9,7 +9,7 @@ from optim.factory import param_groups
 from pretrain.config import load_config, resolve_model_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-C4 = [p for p in CONFIGS if p.name.startswith("llama_")]  # the names DESIGN.md uses
+C4 = [p for p in CONFIGS if p.name.startswith("llama_")]  # the names docs/architecture.md uses
 # Sequences per forward/backward on one GPU, by size (the recipes' comments give the accumulation).
 MICRO_BATCH = {"60m": 128, "130m": 128, "350m": 64, "1b": 8, "3b": 8, "7b": 4}
 # SubTrack++ learning rate as shipped: GaLore's 1e-2 for 60m-1b, its 7b recipe's 5e-3 for 3b and 7b.

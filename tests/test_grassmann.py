@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from optim import grassmann as gm
-from optim.reference import exp_map
 from optim.subtrack import SubTrackAdamW
+from tests.reference import exp_map
 
 
 def orthonormal(m, r, generator=None, dtype=torch.float32):
@@ -111,7 +111,7 @@ def test_rank1_geodesic_step_equals_grassmann_exponential_map_by_matrix_exponent
     # expm(H S^T - S H^T) S with the descent tangent H = -theta u v^T, in float64.
     expected = exp_map(S.double(), -theta * torch.outer(u, v).double())
     assert torch.allclose(ours.double(), expected, atol=1e-5, rtol=0)
-    # Right-side form of DESIGN.md: P' = u (cos u^T P - sin v^T) + (I - u u^T) P, with P = S^T.
+    # Right-side form of docs/architecture.md ("Grassmannian tracking"): P' = u (cos u^T P - sin v^T) + (I - u u^T) P, with P = S^T.
     P, ur, vr = S.T, v, u  # the right tangent of G^T is the transpose of the left one
     right = torch.outer(ur, torch.cos(torch.tensor(theta)) * (ur @ P) - torch.sin(torch.tensor(theta)) * vr) \
         + (torch.eye(r) - torch.outer(ur, ur)) @ P

@@ -9,6 +9,7 @@ from models import SIZES, build_model, count_parameters
 from models.sizes import get_config
 from optim import quant8
 from optim.factory import OptimConfig, build_optimizer
+from optim.nbytes import tensor_bytes
 from optim.per_layer import attach_per_layer_updates
 from pretrain import memory
 from pretrain.bench import memory as bench_memory
@@ -152,7 +153,7 @@ def test_estimate_within_10pct_of_measured_on_cpu(case, monkeypatch):
     est = memory.estimate("nano", optim_name, rank=16, state_bits=bits, per_layer=per_layer,
                           checkpointing=checkpointing, batch=B, seq=T, dtype="fp32", device="cpu", vocab_size=V)
 
-    measured_weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    measured_weights = tensor_bytes(list(model.parameters()))
     measured_state = sum(memory.state_tensor_bytes(o) for o in optimizers)
     if optim_name == "adamw" and bits == 8:  # bitsandbytes also references its two shared 256-entry maps
         measured_state -= 2 * 256 * 4
@@ -183,7 +184,7 @@ def test_low_rank_state_storage_is_no_larger_than_its_tensors():
     optimizer = build_optimizer(model, OptimConfig(name="subtrack++", rank=16, update_interval=1000))
     F.cross_entropy(model(torch.randint(0, V, (1, 8))).float().flatten(0, 1), torch.zeros(8, dtype=torch.long)).backward()
     optimizer.step()
-    logical = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    logical = tensor_bytes(list(optimizer.state.values()))
     assert memory.state_tensor_bytes(optimizer) == logical
     assert logical == memory.estimate("nano", "subtrack++", rank=16, dtype="fp32", vocab_size=V)["optimizer_state"]
 

@@ -34,7 +34,8 @@ def test_parameter_count_of_every_size():
 
 
 def test_sizes_match_the_paper_table():
-    table = {  # DESIGN.md: hidden, intermediate, heads, layers, rank, update interval
+    # docs/architecture.md, "Model sizes": hidden, intermediate, heads, layers, rank, update interval
+    table = {
         "60m": (512, 1376, 8, 8, 128, 200), "130m": (768, 2048, 12, 12, 256, 200),
         "350m": (1024, 2736, 16, 24, 256, 200), "1b": (2048, 5461, 32, 24, 512, 200),
         "3b": (2560, 6848, 32, 32, 512, 200), "7b": (4096, 11008, 32, 32, 1024, 500),

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from optim import quant8
+from optim.nbytes import tensor_bytes
+from tests.state_helpers import init_adamw_state, keep_state_dtypes_on_load
 
 N = quant8.BLOCKSIZE * 1024  # 1024 blocks per case keeps each test well under a second
 
@@ -78,8 +80,7 @@ def test_8bit_moment_bytes_at_most_30pct_of_float32_and_small_tensors_stay_float
     for key in ("exp_avg", "exp_avg_sq"):
         quant8.init_moment(state8, key, (128, 1376), "cpu", state_bits=8)  # SubTrack++ moments of a 60m MLP weight
         quant8.init_moment(state32, key, (128, 1376), "cpu", state_bits=32)
-    bytes8 = sum(t.numel() * t.element_size() for t in state8.values())
-    bytes32 = sum(t.numel() * t.element_size() for t in state32.values())
+    bytes8, bytes32 = tensor_bytes(state8), tensor_bytes(state32)
     assert bytes8 == 2 * quant8.packed_nbytes(128 * 1376)
     assert bytes8 == sum(quant8.moment_nbytes(state8, k) for k in ("exp_avg", "exp_avg_sq"))
     assert bytes8 <= 0.30 * bytes32  # 0.254: one byte per element + 4 bytes per 256
@@ -108,7 +109,7 @@ def test_adamw_step_equals_bitsandbytes_adamw8bit_bit_exactly():
     ref = [big.clone().requires_grad_(), small.clone().requires_grad_()]
     opt = bnb.optim.AdamW8bit(ref, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     ours = [big.clone(), small.clone()]
-    states = [quant8.init_adamw_state(p) for p in ours]
+    states = [init_adamw_state(p) for p in ours]
     for _ in range(10):
         grads = [torch.randn_like(p) for p in ours]
         for p, g in zip(ref, grads):
@@ -137,7 +138,7 @@ def test_adamw_step_8bit_tracks_torch_adamw_over_50_steps():
     w_ref = W0.clone().requires_grad_()
     opt = torch.optim.AdamW([w_ref], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     w8 = W0.clone().requires_grad_()
-    state = quant8.init_adamw_state(w8)
+    state = init_adamw_state(w8)
     assert state["exp_avg"].dtype == torch.uint8
     for _ in range(50):
         opt.zero_grad()
@@ -154,7 +155,7 @@ def test_adamw_step_8bit_tracks_torch_adamw_over_50_steps():
 
 
 def test_packed_state_survives_torch_save_and_weights_only_load_bit_exactly():
-    state = quant8.init_adamw_state(torch.zeros(80, 64))
+    state = init_adamw_state(torch.zeros(80, 64))
     p = torch.randn(80, 64)
     for _ in range(3):
         quant8.adamw_step(p, torch.randn(80, 64), state, lr=1e-3)
@@ -175,7 +176,7 @@ def test_keep_state_dtypes_on_load_keeps_float32_absmax_beside_bf16_weights():
         return p, torch.optim.SGD([p], lr=0.1)  # any optimizer: we only use its state-dict machinery
 
     p, opt = make()
-    opt.state[p] = quant8.init_adamw_state(p)
+    opt.state[p] = init_adamw_state(p)
     quant8.adamw_step(p.data, torch.randn(80, 64, dtype=torch.bfloat16), opt.state[p], lr=1e-3)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
@@ -186,7 +187,7 @@ def test_keep_state_dtypes_on_load_keeps_float32_absmax_beside_bf16_weights():
     assert plain.state[plain_p]["exp_avg_absmax"].dtype == torch.bfloat16  # what the hook is for
 
     fixed_p, fixed = make()
-    quant8.keep_state_dtypes_on_load(fixed)
+    keep_state_dtypes_on_load(fixed)
     buffer.seek(0)
     fixed.load_state_dict(torch.load(buffer, weights_only=True))
     for key, value in opt.state[p].items():

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from models.sizes import build_model
 from optim import grassmann
 from optim.factory import OptimConfig, build_optimizer
+from optim.nbytes import tensor_bytes
 from optim.sharded import ShardedOptimizer, assign_owners, build_sharded_optimizer
 from tests.distributed import run_distributed
+from tests.state_helpers import consolidated_state_dict
 
 VOCAB, SEQ, GLOBAL_BATCH, STEPS, SAVE_AT, CLIP = 256, 16, 4, 20, 10, 1.0
 GAP = 5  # subspace update interval: updates at steps 0 (SVD), 5, 10, 15
@@ -94,7 +96,7 @@ def train(model, opt, start, stop, *, rank=0, world=1, forward=None, clip=None, 
             stats.append(opt.pop_subspace_stats())
         if save_dir is not None and step + 1 == SAVE_AT:
             opt.save_sharded(os.path.join(save_dir, "optimizer"))
-            consolidated = opt.consolidated_state_dict()  # collective; the whole state on rank 0
+            consolidated = consolidated_state_dict(opt)  # collective; the whole state on rank 0
             if rank == 0:
                 torch.save(model.state_dict(), os.path.join(save_dir, "model.pt"))
                 torch.save(consolidated, os.path.join(save_dir, "consolidated.pt"))
@@ -157,7 +159,7 @@ def single_process(preset, tmp):
     opt = build_optimizer(model, OptimConfig(**CONFIGS[preset]))
     with count_subspace_calls() as calls:
         train(model, opt, 0, STEPS, clip=lambda c: torch.nn.utils.clip_grad_norm_(model.parameters(), c))
-    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    state_bytes = tensor_bytes(list(opt.state.values()))
     ref = {"weights": weights(model), "calls": dict(calls), "state_bytes": state_bytes,
            "projected": [n for g in opt.param_groups if "rank" in g for n in g["names"]]}
     ckpt = os.path.join(tmp, f"{preset}-w1")

@@ -9,8 +9,8 @@ from torch import nn
 
 from optim import grassmann as gm
 from optim.factory import param_groups
-from optim.reference import ReferenceSubTrack
 from optim.subtrack import SubTrackAdamW
+from tests.reference import ReferenceSubTrack
 
 
 class TwoLayer(nn.Module):

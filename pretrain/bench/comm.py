@@ -55,6 +55,7 @@ def _run_setup(setup, args, rank, world):
     from models.sizes import build_model
     from optim.factory import OptimConfig, build_optimizer
     from optim.sharded import build_sharded_optimizer
+    from optim.nbytes import tensor_bytes
     from pretrain.memory import state_tensor_bytes
 
     torch.manual_seed(0)
@@ -67,7 +68,7 @@ def _run_setup(setup, args, rank, world):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         def counting_hook(state, bucket):
-            counted["all_reduce"] += bucket.buffer().numel() * bucket.buffer().element_size()
+            counted["all_reduce"] += tensor_bytes(bucket.buffer())
             return allreduce_hook(state, bucket)
 
         forward = torch.nn.parallel.DistributedDataParallel(model)

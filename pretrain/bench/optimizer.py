@@ -31,6 +31,7 @@ import torch
 from models.sizes import PAPER_RANK, SIZES
 from optim import grassmann as gm
 from optim.factory import PRESETS
+from optim.nbytes import tensor_bytes
 from optim.subtrack import SubTrackAdamW
 
 METHODS = ("adamw", "galore", "fira", "subtrack++")
@@ -72,8 +73,8 @@ def timed_steps(opt: torch.optim.Optimizer, repeats: int, device: torch.device) 
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-               if torch.is_tensor(v) and v.ndim > 0)
+    """Bytes of the state's tensors, 0-d counters left out."""
+    return tensor_bytes([v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0])
 
 
 def bench_size(size: str, method: str, repeats: int, update_repeats: int, device: torch.device) -> dict:

@@ -1,8 +1,9 @@
-"""A slow, obviously correct SubTrack++ for one weight matrix, written formula by formula from DESIGN.md.
+"""A slow, obviously correct SubTrack++ for one weight matrix, written formula by formula from
+docs/architecture.md ("Design cited by the code").
 
 Float64, no in-place tricks, the Grassmann step taken by the matrix exponential and the tangent's
-singular triplet by a full SVD. Tests compare optim.subtrack.SubTrackAdamW against it; nothing
-else should use it. The right-side case is the left-side one on transposes.
+singular triplet by a full SVD. Tests compare optim.subtrack.SubTrackAdamW against it (it lives
+in tests/: nothing else uses it). The right-side case is the left-side one on transposes.
 """
 from __future__ import annotations
 
