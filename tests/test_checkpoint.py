@@ -19,7 +19,8 @@ def test_checkpoint_layout_matches_architecture_doc_and_loads_weights_only(tmp_p
     path = _save(tmp_path, 7, value=3.0)
     assert path.name == "step_00000007"
     names = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-    assert names == ["config.yaml", "model.pt", "model_config.json", "optimizer/rank00000.pt", "trainer.pt"]
+    assert names == ["config.yaml", "manifest.json", "model.pt", "model_config.json", "optimizer/rank00000.pt",
+                     "trainer.pt"]
     for name in ("model.pt", "optimizer/rank00000.pt", "trainer.pt"):
         torch.load(path / name, weights_only=True)  # raises if anything but plain data was pickled
     state = ckpt.load_checkpoint(path)
@@ -33,8 +34,8 @@ def test_interrupted_save_leaves_previous_checkpoint_as_latest(tmp_path, monkeyp
     calls = []
 
     def crash_on_trainer(obj, f, *a, **k):
-        calls.append(str(f))
-        if str(f).endswith("trainer.pt"):
+        calls.append(getattr(f, "name", str(f)))  # checkpoint files are written through Python file objects
+        if calls[-1].endswith("trainer.pt"):
             raise OSError("disk full (simulated crash mid-save)")
         return real_save(obj, f, *a, **k)
 
