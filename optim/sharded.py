@@ -424,7 +424,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         rank 0 writes `index.json` (world size, owner of each name, files).
         Collective: returns once all shards are on disk."""
         os.makedirs(directory, exist_ok=True)
-        torch.save(self.state_dict(), os.path.join(directory, _shard_file(self.rank)))
+        with open(os.path.join(directory, _shard_file(self.rank)), "wb") as f:  # a full disk: OSError(ENOSPC)
+            torch.save(self.state_dict(), f)
         if self.rank == 0:
             index = {"world_size": self.world_size, "owners": self.owners,
                      "files": [_shard_file(r) for r in range(self.world_size)]}

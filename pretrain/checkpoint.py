@@ -309,14 +309,15 @@ class CheckpointManager:
         tmp, failure = staging_dir(self.root, step), None
         if self.sharded:
             if self.rank == 0:
-                failure = self._attempt(prepare_staging, self.root, step)
+                failure = self._attempt(tmp, prepare_staging, self.root, step)
             self._barrier()  # the staging directory exists before anyone writes into it
-            failure = failure or self._attempt(optimizer.save_sharded, str(tmp / "optimizer"))
+            shard = tmp / "optimizer" / f"rank{self.rank:05d}.pt"  # the file this rank's save_sharded writes
+            failure = failure or self._attempt(shard, optimizer.save_sharded, str(shard.parent))
             if failure is not None:
                 self._barrier()  # the barrier that ends save_sharded, which this rank did not reach
             failure = next((f for f in self._gather(failure) if f), None)  # every shard on disk, or none
         if self.rank == 0 and failure is None:
-            failure = self._attempt(save_checkpoint, self.root, step, model_state=model_state,
+            failure = self._attempt(tmp, save_checkpoint, self.root, step, model_state=model_state,
                                     model_config=model_config,
                                     optimizer_state=None if self.sharded else optimizer.state_dict(),
                                     trainer_state=trainer_state, config_yaml=config_yaml, keep_last=self.keep_last)
@@ -327,8 +328,8 @@ class CheckpointManager:
             raise CheckpointWriteError(failure)
         return self.root / step_dir_name(step)
 
-    def _attempt(self, write, *args, **kwargs) -> str | None:
-        """None if `write` succeeded, else the one-line report of its OSError."""
+    def _attempt(self, where: Path, write, *args, **kwargs) -> str | None:
+        """None if `write` succeeded, else the one-line report of its OSError (naming its file, else `where`)."""
         try:
             write(*args, **kwargs)
             return None
@@ -336,7 +337,7 @@ class CheckpointManager:
             what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             previous = latest_checkpoint(self.root)
             kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-            return f"checkpoint: {what} while writing {e.filename or self.root}; {kept}"
+            return f"checkpoint: {what} while writing {e.filename or where}; {kept}"
 
     # ------------------------------------------------------------------ resume
     def resolve(self, resume: str | None) -> Path | None:

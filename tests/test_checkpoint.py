@@ -321,3 +321,45 @@ def test_metrics_after_the_resumed_step_are_dropped_from_jsonl(tmp_path):
     logger.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["train/loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def _full_disk_on_rank_1_job(root):
+    """On each of 2 gloo ranks: a sharded save at step 1, then one at step 2 whose shard write on
+    rank 1 only hits a full disk. Returns (what save(2) raised on this rank, the checkpoints left)."""
+    import torch.distributed as dist
+
+    from optim.sharded import build_sharded_optimizer
+
+    model, cfg = _model_and_config()
+    optimizer = _stepped(model, build_sharded_optimizer(model, cfg, reduce_gradients=True), steps=1)
+    manager = ckpt.CheckpointManager(root, keep_last=3, rank=dist.get_rank(), world_size=2, sharded=True)
+
+    def save(step):
+        return manager.save(step, model_state=model.state_dict(), optimizer=optimizer, trainer_state={"step": step},
+                            model_config={}, config_yaml="")
+
+    save(1)
+    real_save = torch.save
+    if dist.get_rank() == 1:
+        torch.save = lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+    try:
+        save(2)
+        raised = None
+    except ckpt.CheckpointWriteError as e:
+        raised = str(e)
+    finally:
+        torch.save = real_save
+    dist.barrier()
+    return raised, sorted(p.name for p in root.iterdir())
+
+
+def test_full_disk_on_one_rank_fails_the_save_on_every_rank_without_hanging(tmp_path):
+    from tests.distributed import run_distributed
+
+    results = run_distributed(_full_disk_on_rank_1_job, 2, tmp_path, timeout=120)
+    first = tmp_path / "step_00000001"
+    for raised, left in results:  # the same one-line report on both ranks, rank 1's file named
+        assert raised == (f"checkpoint: no space left on device while writing {ckpt.staging_dir(tmp_path, 2)}"
+                          f"/optimizer/rank00001.pt; the previous checkpoint {first} is intact")
+        assert left == ["step_00000001"]
+    assert ckpt.verify_checkpoint(first) is None
