@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     try:
         summary = train(cfg)
-    except ConfigError as e:  # a resume or run dir that cannot be used: refused before any work (ResumeError, RunDirLocked)
+    except ConfigError as e:  # ResumeError, RunDirLocked: refused before any work
         print(f"pretrain: {e}", file=sys.stderr)
         return 2
     except CheckpointWriteError as e:  # disk full: the previous checkpoint is intact
