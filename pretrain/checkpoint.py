@@ -15,10 +15,14 @@ Layout (docs/architecture.md):
 Everything is written into `<root>/.tmp-step_00000100/` (`staging_dir`) and renamed into place only
 when complete, so a crash mid-save leaves the previous checkpoint as the latest one. The manifest
 lets a resume tell a damaged checkpoint (a truncated or lost file) from a good one and fall back
-to the newest one that verifies (`CheckpointManager.resolve`). With a
-sharded optimizer every rank first writes its shard into the staging directory's `optimizer/`,
-then rank 0 writes the rest and renames. `load_optimizer` reads either format into either kind
+to the newest one that verifies (`CheckpointManager.resolve`). With a sharded optimizer every
+rank first writes its shard into the staging directory's `optimizer/`, then rank 0 writes the
+rest, the manifest last, and renames. `load_optimizer` reads either format into either kind
 of optimizer, so a run resumes at another world size.
+
+`CheckpointManager` is what the training loop uses: save, keep-last, resume resolution (verified,
+with fallback), the settings a resume may change, loading. `locked_run_dir` keeps a second job
+off a run directory (an flock on `<run_dir>/.lock`).
 """
 from __future__ import annotations
 
@@ -380,7 +384,9 @@ class CheckpointManager:
         try:
             saved = yaml.safe_load((path / "config.yaml").read_text())
             saved_model = json.loads((path / "model_config.json").read_text())
-        except (OSError, ValueError, yaml.YAMLError) as e:
+            if not isinstance(saved, dict) or not isinstance(saved_model, dict):
+                raise ValueError("config.yaml and model_config.json must each hold a mapping")
+        except (OSError, ValueError, yaml.YAMLError) as e:  # only a checkpoint without a manifest gets here
             raise ResumeError(f"resume: checkpoint {path} has no readable config ({e.__class__.__name__}: {e}); "
                               "pass another checkpoint directory") from None
         fixed, changed = config_changes(saved, new_config, saved_model, new_model_config)
