@@ -47,9 +47,17 @@ def main(argv=None) -> int:
         print(f"pretrain: config error: {message}", file=sys.stderr)
         return 2
 
+    from pretrain.checkpoint import CheckpointWriteError
     from pretrain.train import train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except ConfigError as e:  # ResumeError, RunDirLocked: refused before any work
+        print(f"pretrain: {e}", file=sys.stderr)
+        return 2
+    except CheckpointWriteError as e:  # disk full: the previous checkpoint is intact
+        print(f"pretrain: {e}", file=sys.stderr)
+        return 1
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump(summary, f, indent=2)

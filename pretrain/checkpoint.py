@@ -10,27 +10,58 @@ Layout (docs/architecture.md):
         optimizer/index.json        parameter name, and the index (world size, owner of each name)
         trainer.pt          step, scheduler, per-rank data loader states, RNG states
         config.yaml         the full resolved run config
+        manifest.json       every other file's relative path, size and sha256, written last
 
 Everything is written into `<root>/.tmp-step_00000100/` (`staging_dir`) and renamed into place only
-when complete, so a crash mid-save leaves the previous checkpoint as the latest one. With a
-sharded optimizer every rank first writes its shard into the staging directory's `optimizer/`,
-then rank 0 writes the rest and renames. `load_optimizer` reads either format into either kind
+when complete, so a crash mid-save leaves the previous checkpoint as the latest one. The manifest
+lets a resume tell a damaged checkpoint (a truncated or lost file) from a good one and fall back
+to the newest one that verifies (`CheckpointManager.resolve`). With a sharded optimizer every
+rank first writes its shard into the staging directory's `optimizer/`, then rank 0 writes the
+rest, the manifest last, and renames. `load_optimizer` reads either format into either kind
 of optimizer, so a run resumes at another world size.
+
+`CheckpointManager` is what the training loop uses: save, keep-last, resume resolution (verified,
+with fallback), the settings a resume may change, loading. `locked_run_dir` keeps a second job
+off a run directory (an flock on `<run_dir>/.lock`).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import torch
+import yaml
+
+from optim.sharding.state import (INDEX_FILE, index_keyed_state_dict, name_keyed_state_dict, param_group_names,
+                                  shard_file)
+from pretrain.config import ConfigError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
-OPTIMIZER_INDEX = "index.json"  # written by optim.sharded.ShardedOptimizer.save_sharded
+OPTIMIZER_INDEX = INDEX_FILE  # written by optim.sharded.ShardedOptimizer.save_sharded
+MANIFEST = "manifest.json"
+REQUIRED = ("model.pt", "trainer.pt")  # what a checkpoint without a manifest (older code) must hold
+
+
+class ResumeError(ConfigError):
+    """A resume that cannot go ahead (a damaged checkpoint asked for by path, a setting that cannot change)."""
+
+
+class RunDirLocked(ConfigError):
+    """Another live job holds the run directory."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...); the previous one is intact."""
 
 
 def step_dir_name(step: int) -> str:
@@ -82,11 +113,12 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict, mo
                                     "call optimizer.save_sharded there on every rank first, or pass optimizer_state")
     else:
         tmp = prepare_staging(root, step)
-        torch.save(optimizer_state, tmp / "optimizer" / "rank00000.pt")
-    torch.save(model_state, tmp / "model.pt")
-    (tmp / "model_config.json").write_text(json.dumps(model_config, indent=2) + "\n")
-    torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
+        _write(tmp / "optimizer" / shard_file(0), optimizer_state)
+    _write(tmp / "model.pt", model_state)
+    _write(tmp / "model_config.json", json.dumps(model_config, indent=2) + "\n")
+    _write(tmp / "trainer.pt", trainer_state)
+    _write(tmp / "config.yaml", config_yaml)
+    write_manifest(tmp)  # last: it covers every file above and every rank's optimizer shard
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again: move the old one aside first, delete it after
         old = root / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
@@ -99,6 +131,65 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict, mo
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write(path: Path, obj) -> None:
+    """torch.save `obj` (text as is) to `path` through a Python file, so that a full disk raises
+    OSError(ENOSPC) naming `path` (torch's own writer says only "unexpected pos")."""
+    try:
+        with open(path, "w" if isinstance(obj, str) else "wb") as f:
+            if isinstance(obj, str):
+                f.write(obj)
+            else:
+                torch.save(obj, f)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """`directory`/manifest.json: {"files": {relative path: {"size", "sha256"}}} of every other file."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    _write(directory / MANIFEST, json.dumps({"version": 1, "files": entries}, indent=1) + "\n")
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """None if checkpoint `path` is whole, else what is wrong ("model.pt: size 123 != 4567").
+
+    Sizes and checksums against its manifest. A checkpoint without a manifest (written before
+    manifests existed) cannot be verified: it passes if model.pt and trainer.pt exist.
+    """
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        missing = [name for name in REQUIRED if not (path / name).is_file()]
+        return f"{missing[0]}: missing (and no {MANIFEST} to check the rest)" if missing else None
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        sizes = {name: int(entry["size"]) for name, entry in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST}: unreadable ({e.__class__.__name__}: {e})"
+    for name in REQUIRED:
+        if name not in files:
+            return f"{name}: not in {MANIFEST}"
+    for name, size in sizes.items():  # sizes first: cheap, and they catch truncation
+        if not (path / name).is_file():
+            return f"{name}: missing"
+        if (path / name).stat().st_size != size:
+            return f"{name}: size {(path / name).stat().st_size} != {size}"
+    for name, entry in files.items():
+        if _sha256(path / name) != entry.get("sha256"):
+            return f"{name}: sha256 differs from {MANIFEST}"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -156,48 +247,226 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike, ma
         index = json.loads((directory / OPTIMIZER_INDEX).read_text())
         shards = [torch.load(directory / f, map_location=map_location, weights_only=True) for f in index["files"]]
         by_name = {name: s for shard in shards for name, s in shard["state"].items()}
-        optimizer.load_state_dict(_index_keyed(optimizer, by_name, shards[0]["param_groups"]))
+        optimizer.load_state_dict(index_keyed_state_dict(param_group_names(optimizer), by_name,
+                                                         shards[0]["param_groups"]))
         return f"{len(shards)} shard(s) merged by parameter name"
-    plain = torch.load(directory / "rank00000.pt", map_location=map_location, weights_only=True)
+    plain = torch.load(directory / shard_file(0), map_location=map_location, weights_only=True)
     if sharded_optimizer:
-        names = [n for g in optimizer.param_groups for n in g["names"]]
-        if any(i >= len(names) for i in plain["state"]):
-            raise ValueError(f"{directory / 'rank00000.pt'} holds state for {len(plain['state'])} parameters, "
-                                 f"the model has {len(names)}; was it saved from a different model?")
-        hyper = [{k: v for k, v in g.items() if k not in ("params", "names", "param_names")}
-                 for g in plain["param_groups"]]
-        optimizer.load_state_dict({"state": {names[i]: s for i, s in plain["state"].items()}, "param_groups": hyper})
+        names = param_group_names(optimizer)
+        count = sum(len(g) for g in names)
+        if any(i >= count for i in plain["state"]):
+            raise ValueError(f"{directory / shard_file(0)} holds state for {len(plain['state'])} parameters, "
+                             f"the model has {count}; was it saved from a different model?")
+        optimizer.load_state_dict(name_keyed_state_dict(plain, names))
         return "one full optimizer state, split by parameter name"
     optimizer.load_state_dict(plain)
     return "one full optimizer state"
 
 
-def _index_keyed(optimizer: torch.optim.Optimizer, by_name: dict, saved_groups: list[dict]) -> dict:
-    """A torch state_dict for `optimizer` (groups carry `names`) from state keyed by parameter name."""
-    if len(saved_groups) != len(optimizer.param_groups):
-        raise ValueError(f"the checkpoint has {len(saved_groups)} optimizer param groups, this optimizer "
-                         f"{len(optimizer.param_groups)}; resume with the same optim: config")
-    state, groups, index = {}, [], 0
-    for group, saved in zip(optimizer.param_groups, saved_groups):
-        if "names" not in group:
-            raise ValueError("the optimizer's param groups carry no 'names'; build it with optim.build_optimizer")
-        ids = []
-        for name in group["names"]:
-            if name in by_name:
-                state[index] = by_name[name]
-            ids.append(index)
-            index += 1
-        groups.append(dict(saved, params=ids, names=list(group["names"])))
-    return {"state": state, "param_groups": groups}
+class CheckpointManager:
+    """Owns a run's checkpoints (as torchtitan's CheckpointManager): `save` (atomic, with a manifest,
+    the last `keep_last` kept), `resolve` (which checkpoint a resume starts from, verified),
+    `check_config` (which settings may change on resume) and `load`.
+
+    save and resolve are collective: every rank calls them; rank 0 writes, verifies and renames.
+    """
+
+    def __init__(self, root: str | os.PathLike, keep_last: int, *, rank: int = 0, world_size: int = 1,
+                 sharded: bool = False, say=print):
+        self.root, self.keep_last = Path(root), keep_last
+        self.rank, self.world_size, self.sharded, self.say = rank, world_size, sharded, say
+
+    def _gather(self, obj) -> list:
+        from pretrain.distributed import all_gather_objects
+
+        return all_gather_objects(obj, self.world_size)
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, *, model_state: dict, optimizer, trainer_state: dict, model_config: dict,
+             config_yaml: str) -> Path:
+        """Write checkpoint `step`; with `sharded` every rank first writes its optimizer shard.
+
+        A failed write (disk full, ...) on any rank removes the staging directory and raises
+        CheckpointWriteError on every rank, naming the file; the previous checkpoint stays the latest.
+        """
+        tmp, failure = staging_dir(self.root, step), None
+        if self.sharded:
+            if self.rank == 0:
+                failure = self._attempt(tmp, prepare_staging, self.root, step)
+            self._barrier()  # the staging directory exists before anyone writes into it
+            shard = tmp / "optimizer" / f"rank{self.rank:05d}.pt"  # the file this rank's save_sharded writes
+            failure = failure or self._attempt(shard, optimizer.save_sharded, str(shard.parent))
+            if failure is not None:
+                self._barrier()  # the barrier that ends save_sharded, which this rank did not reach
+            failure = next((f for f in self._gather(failure) if f), None)  # every shard on disk, or none
+        if self.rank == 0 and failure is None:
+            failure = self._attempt(tmp, save_checkpoint, self.root, step, model_state=model_state,
+                                    model_config=model_config,
+                                    optimizer_state=None if self.sharded else optimizer.state_dict(),
+                                    trainer_state=trainer_state, config_yaml=config_yaml, keep_last=self.keep_last)
+        if self.rank == 0 and failure is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        failure = self._gather(failure)[0]  # rank 0's verdict, after its rename
+        if failure is not None:
+            raise CheckpointWriteError(failure)
+        return self.root / step_dir_name(step)
+
+    def _attempt(self, where: Path, write, *args, **kwargs) -> str | None:
+        """None if `write` succeeded, else the one-line report of its OSError (naming its file, else `where`)."""
+        try:
+            write(*args, **kwargs)
+            return None
+        except OSError as e:
+            what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            previous = latest_checkpoint(self.root)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            return f"checkpoint: {what} while writing {e.filename or where}; {kept}"
+
+    # ------------------------------------------------------------------ resume
+    def resolve(self, resume: str | None) -> Path | None:
+        """The checkpoint to resume from: None (no resume, or "auto" and no checkpoint yet), the
+        newest checkpoint that verifies ("auto": newer damaged ones are named in one warning line),
+        or `resume` itself if it verifies (ResumeError otherwise)."""
+        if resume is None:
+            return None
+        found, problem = self._find(resume) if self.rank == 0 else (None, None)  # rank 0 reads the files
+        found, problem = self._gather((found, problem))[0]
+        if problem is not None:
+            raise ResumeError(problem)
+        return found
+
+    def _find(self, resume: str) -> tuple[Path | None, str | None]:
+        if resume != "auto":
+            bad = verify_checkpoint(resume)
+            if bad:
+                return None, (f"resume: checkpoint {resume} is damaged ({bad}); pass another checkpoint "
+                              "directory, or --resume auto for the newest one that verifies")
+            return Path(resume), None
+        candidates = list_checkpoints(self.root)[::-1]
+        if not candidates:
+            self.say(f"resume: no complete checkpoint in {self.root}; starting fresh", flush=True)
+            return None, None
+        damaged = []
+        for path in candidates:
+            bad = verify_checkpoint(path)
+            if bad is None:
+                if damaged:
+                    self.say(f"resume: checkpoint {'; '.join(damaged)}; using {path}", flush=True)
+                return path, None
+            damaged.append(f"{path} is damaged ({bad})")
+        return None, (f"resume: no checkpoint in {self.root} verifies ({'; '.join(damaged)}); move them "
+                      "aside to start fresh, or repair one")
+
+    def check_config(self, path: Path, new_config: dict, new_model_config: dict) -> list[str]:
+        """Refuse (ResumeError, before anything is written) a setting that cannot change on resume;
+        return one log line per setting that changed and takes effect (`config_changes`)."""
+        try:
+            saved = yaml.safe_load((path / "config.yaml").read_text())
+            saved_model = json.loads((path / "model_config.json").read_text())
+            if not isinstance(saved, dict) or not isinstance(saved_model, dict):
+                raise ValueError("config.yaml and model_config.json must each hold a mapping")
+        except (OSError, ValueError, yaml.YAMLError) as e:  # only a checkpoint without a manifest gets here
+            raise ResumeError(f"resume: checkpoint {path} has no readable config ({e.__class__.__name__}: {e}); "
+                              "pass another checkpoint directory") from None
+        fixed, changed = config_changes(saved, new_config, saved_model, new_model_config)
+        if fixed:
+            key, old, new = fixed[0]
+            raise ResumeError(f"resume: {key} cannot change on resume (checkpoint {path} has {old!r}, this run "
+                              f"{new!r}); set it back to {old!r}, or start a new run in another log.run_dir")
+        return [f"resume: {key} {old} -> {new} ({note})" for key, old, new, note in changed]
+
+    def load(self, path: Path, *, model, optimizer, scheduler, map_location="cpu") -> tuple[dict, str]:
+        """Model, optimizer and schedule state of checkpoint `path` into the given objects; then the
+        optimizer's hyper-parameters and the schedule's base lr are set back to the config's (so a
+        changed optim.lr or update_interval takes effect; unchanged, they are the saved values).
+        Returns (trainer state, how the optimizer state was read)."""
+        from pretrain.schedule import rebase
+
+        fresh = [{k: v for k, v in g.items() if k not in ("params", "names", "param_names")}
+                 for g in optimizer.param_groups]
+        state = load_checkpoint(path, map_location=map_location, with_optimizer=False)
+        model.load_state_dict(state["model"])
+        how = load_optimizer(optimizer, path, map_location=map_location)  # any world size, by parameter name
+        scheduler.load_state_dict(state["trainer"]["scheduler"])
+        for group, hyper in zip(optimizer.param_groups, fresh):
+            group.update(hyper)
+        rebase(scheduler, [g["initial_lr"] for g in optimizer.param_groups])
+        return state["trainer"], how
 
 
-def resolve_resume(resume: str | None, root: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from: None (fresh), "auto" (latest complete under root, None if none), or a path."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        return latest_checkpoint(root)
-    return Path(resume)
+# Settings a resume cannot change: they decide the shapes and meaning of the saved tensors.
+FIXED_ON_RESUME = ("model.size", "data.tokenizer", "optim.name", "optim.rank", "optim.proj_type", "optim.state_bits",
+                   "optim.subspace", "optim.moments", "optim.residual")
+MODEL_FREE = ("activation_checkpointing", "init_std")  # model fields that change no weight on resume
+NOT_COMPARED = ("name", "checkpoint.resume", "log.run_dir")
+IGNORED_ON_RESUME = {"train.seed": "ignored: the checkpoint's RNG state continues"}
+
+
+def _flat(config: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in config.items() if isinstance(values, dict)
+            for key, value in values.items()}
+
+
+def config_changes(saved: dict, new: dict, saved_model: dict, new_model: dict) -> tuple[list, list]:
+    """Compare a checkpoint's run config (and resolved model config) with this run's.
+
+    Returns (fixed, changed): fixed = [(key, saved, new)] that cannot change (model shape, tokenizer,
+    optimizer method, rank, state bits, subspace/moment/residual rules); changed = [(key, saved,
+    new, note)] that may. A key missing on either side (a config from older code) is not compared.
+    """
+    from optim.factory import PRESETS
+
+    old, now = _flat(saved or {}), _flat(new)
+    for flat in (old, now):  # null = the preset's choice: compare the choices themselves
+        for rule in ("subspace", "moments", "residual"):
+            if flat.get(f"optim.{rule}") is None:
+                flat[f"optim.{rule}"] = (PRESETS.get(flat.get("optim.name")) or {}).get(rule)
+    for key in set(saved_model) & set(new_model) - set(MODEL_FREE):  # the resolved shape, not the spelling
+        old[f"model.{key}"], now[f"model.{key}"] = saved_model[key], new_model[key]
+    fixed, changed = [], []
+    for key in [k for k in now if k in old and k not in NOT_COMPARED and old[k] != now[k]]:
+        if key in FIXED_ON_RESUME or (key.startswith("model.") and key[6:] not in MODEL_FREE):
+            fixed.append((key, old[key], now[key]))
+        else:
+            changed.append((key, old[key], now[key], IGNORED_ON_RESUME.get(key, "takes effect")))
+    return fixed, changed
+
+
+def _try_lock(run_dir: Path) -> tuple[int | None, str | None]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        return None, (f"run dir {run_dir} is in use by {holder}; wait for that job to end, or pass another "
+                      "--set log.run_dir=...")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd, None
+
+
+@contextlib.contextmanager
+def locked_run_dir(run_dir: str | os.PathLike, rank: int = 0, world_size: int = 1):
+    """Hold an exclusive `flock` on <run_dir>/.lock (rank 0; the other ranks share its run) for the
+    life of the block. The kernel drops it when the process dies, kill -9 included, so a stale
+    file never blocks a restart. Collective: every rank raises RunDirLocked if rank 0 could not."""
+    from pretrain.distributed import all_gather_objects
+
+    fd, problem = _try_lock(Path(run_dir)) if rank == 0 else (None, None)
+    problem = all_gather_objects(problem, world_size)[0]
+    if problem is not None:
+        raise RunDirLocked(problem)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 # ----------------------------------------------------------------------------- RNG state

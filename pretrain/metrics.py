@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,10 +15,14 @@ class MetricsLogger:
     """`log(step, {"train/loss": 2.3, ...})` appends one JSON line to <run_dir>/metrics.jsonl and, when
     enabled, writes the same scalars to TensorBoard event files in <run_dir>/tensorboard/.
 
+    `resume_step`: the run resumed from that step's checkpoint, so the records of later steps (logged
+    by the run that went on past it) are dropped from both, and the resumed run's records replace them.
+
     On ranks other than 0 (`enabled=False`) every method does nothing.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.writer = None
         self.file = None
@@ -25,11 +30,14 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            keep_records_up_to(run_dir / "metrics.jsonl", resume_step)
         self.file = open(run_dir / "metrics.jsonl", "a")  # appended to across resumes
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1  # TensorBoard hides events from here on
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -49,6 +57,23 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrite the JSONL file `path` (atomically) without the records after `step` (and any torn line)."""
+    if not path.is_file():
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 class Progress:

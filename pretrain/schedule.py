@@ -26,3 +26,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_ste
     """A LambdaLR applying `lr_multiplier` to every group's lr; its state_dict holds plain numbers only."""
     fn = functools.partial(lr_multiplier, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def rebase(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
+    """Make `base_lrs` the peak lrs of a loaded scheduler (its saved ones would win otherwise) and
+    set each group's current lr as the schedule gives it at the scheduler's step: a changed optim.lr
+    takes effect on resume, an unchanged one gives the same floats as LambdaLR itself."""
+    scheduler.base_lrs = list(base_lrs)
+    for group, base, fn in zip(scheduler.optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

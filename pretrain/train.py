@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import distributed
-from pretrain.checkpoint import (load_checkpoint, load_optimizer, prepare_staging, resolve_resume, rng_state,
-                                 save_checkpoint, set_rng_state, staging_dir, step_dir_name)
-from pretrain.config import RunConfig, config_to_yaml, resolve_model_config
+from pretrain.checkpoint import CheckpointManager, locked_run_dir, rng_state, set_rng_state
+from pretrain.config import RunConfig, config_to_dict, config_to_yaml, resolve_model_config
 from pretrain.memory import state_tensor_bytes
 from pretrain.metrics import MetricsLogger, Progress, peak_flops
 from pretrain.schedule import build_scheduler
@@ -120,7 +119,7 @@ def train(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (losses, steps, where the run and its last checkpoint are)."""
     dist = distributed.setup(cfg.train.device)
     try:
-        with StopRequest() as stop:
+        with locked_run_dir(cfg.run_dir, dist.rank, dist.world_size), StopRequest() as stop:  # one job per run dir
             return _train(cfg, dist, stop)
     finally:
         distributed.cleanup(dist)  # only a group setup() joined: a caller's own group stays usable
@@ -174,57 +173,38 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     tokens_per_step = tc.total_batch_size * seq_len
     model_flops_per_step = flops_per_token(model_cfg, seq_len) * tokens_per_step  # for MFU
     peak = peak_flops(device)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
     say(f"model {cfg.model.size}: {count_parameters(model_cfg) / 1e6:.2f}M parameters, vocab {model_cfg.vocab_size}, "
         f"context {model_cfg.max_seq_len} | optimizer {cfg.optim.name} lr {cfg.optim.lr:g} | "
         f"{world} rank(s) x {tc.micro_batch_size} sequences x {accum} accumulation = {tc.total_batch_size} "
         f"sequences ({tokens_per_step} tokens) per step | {mode} | weights {tc.param_dtype} | device {device} | "
         f"run dir {run_dir}", flush=True)
-    sharded_state = mode in ("sharded", "deepspeed")
+    checkpoints = CheckpointManager(checkpoint_root, cfg.checkpoint.keep_last, rank=dist.rank, world_size=world,
+                                    sharded=mode in ("sharded", "deepspeed"), say=say)
 
     def save(step: int) -> str:
-        """Collective: every rank calls it. With a sharded optimizer every rank writes its shard into
-        the staging directory, then rank 0 writes the rest and renames. Returns the checkpoint path."""
+        """Collective: every rank calls it (each writes its optimizer shard when sharded)."""
         data_states = distributed.all_gather_objects(loader.state_dict(), world)  # every rank's data position
-        optimizer_state = None
-        if sharded_state:
-            if dist.is_main:
-                prepare_staging(checkpoint_root, step)
-            if world > 1:
-                torch.distributed.barrier()  # the staging directory exists before anyone writes into it
-            optimizer.save_sharded(str(staging_dir(checkpoint_root, step) / "optimizer"))  # collective
-        elif dist.is_main:
-            optimizer_state = optimizer.state_dict()
-        if dist.is_main:
-            trainer_state = {"step": step, "world_size": world, "scheduler": scheduler.state_dict(),
-                             "data": data_states, "rng": rng_state()}
-            save_checkpoint(checkpoint_root, step, model_state=model.state_dict(),
-                            model_config=model_config_dict, optimizer_state=optimizer_state,
-                            trainer_state=trainer_state, config_yaml=config_yaml,
-                            keep_last=cfg.checkpoint.keep_last)
-        if world > 1:
-            torch.distributed.barrier()
-        return str(checkpoint_root / step_dir_name(step))
+        trainer_state = {"step": step, "world_size": world, "scheduler": scheduler.state_dict(),
+                         "data": data_states, "rng": rng_state()}
+        return str(checkpoints.save(step, model_state=model.state_dict(), optimizer=optimizer,
+                                    trainer_state=trainer_state, model_config=model_config_dict,
+                                    config_yaml=config_yaml))
 
     # ---------------------------------------------------------------- resume
     step = 0
-    resume_from = resolve_resume(cfg.checkpoint.resume, checkpoint_root)
-    if resume_from is None and cfg.checkpoint.resume == "auto":
-        say(f"resume: no complete checkpoint in {checkpoint_root}; starting fresh", flush=True)
+    resume_from = checkpoints.resolve(cfg.checkpoint.resume)  # verified; "auto" falls back past damaged ones
     if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=device, with_optimizer=False)
-        trainer, saved_world = state["trainer"], state["trainer"]["world_size"]
+        for line in checkpoints.check_config(resume_from, config_to_dict(cfg), model_config_dict):
+            say(line, flush=True)  # refused above (ResumeError) if a setting that cannot change did
+        trainer, how = checkpoints.load(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                                        map_location=device)
+        saved_world = trainer["world_size"]
         if saved_world != world and not cfg.checkpoint.allow_world_size_change:
             raise RuntimeError(
                 f"checkpoint {resume_from} was written by {saved_world} rank(s); this run has {world}. Weights, "
                 "optimizer and schedule would load exactly, but each rank's data position cannot: resume with "
                 f"{saved_world} process(es), or set checkpoint.allow_world_size_change=true to continue the data "
                 "from a remapped position (data.loader.remap_train_state: a few lines skipped, none read twice)")
-        model.load_state_dict(state["model"])
-        how = load_optimizer(optimizer, resume_from, map_location=device)  # any world size, by parameter name
-        scheduler.load_state_dict(trainer["scheduler"])
         if saved_world == world:
             loader.load_state_dict(trainer["data"][dist.rank])
         else:
@@ -235,10 +215,14 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         step = trainer["step"]
         say(f"resume: from {resume_from} at step {step} (optimizer: {how})", flush=True)
     start_step = step
+    if dist.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
     stop_at = tc.max_steps if tc.steps_per_run is None else min(tc.max_steps, start_step + tc.steps_per_run)
 
     # ---------------------------------------------------------------- loop
-    metrics = MetricsLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.log.tensorboard)
+    metrics = MetricsLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.log.tensorboard,
+                            resume_step=step if resume_from is not None else None)
     progress = Progress(total=tc.max_steps, initial=step, log_every=cfg.log.log_every, enabled=dist.is_main,
                         mode=cfg.log.progress_bar)
     train_losses, evals, stopped_by, checksums = [], [], None, []

@@ -19,7 +19,8 @@ def test_checkpoint_layout_matches_architecture_doc_and_loads_weights_only(tmp_p
     path = _save(tmp_path, 7, value=3.0)
     assert path.name == "step_00000007"
     names = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-    assert names == ["config.yaml", "model.pt", "model_config.json", "optimizer/rank00000.pt", "trainer.pt"]
+    assert names == ["config.yaml", "manifest.json", "model.pt", "model_config.json", "optimizer/rank00000.pt",
+                     "trainer.pt"]
     for name in ("model.pt", "optimizer/rank00000.pt", "trainer.pt"):
         torch.load(path / name, weights_only=True)  # raises if anything but plain data was pickled
     state = ckpt.load_checkpoint(path)
@@ -33,8 +34,8 @@ def test_interrupted_save_leaves_previous_checkpoint_as_latest(tmp_path, monkeyp
     calls = []
 
     def crash_on_trainer(obj, f, *a, **k):
-        calls.append(str(f))
-        if str(f).endswith("trainer.pt"):
+        calls.append(getattr(f, "name", str(f)))  # checkpoint files are written through Python file objects
+        if calls[-1].endswith("trainer.pt"):
             raise OSError("disk full (simulated crash mid-save)")
         return real_save(obj, f, *a, **k)
 
@@ -154,3 +155,211 @@ def test_load_optimizer_reads_either_format_into_either_optimizer(tmp_path, save
     ckpt.load_optimizer(fresh, path)
     _assert_same_state(_by_name(fresh), _by_name(saved))
     assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in saved.param_groups]
+
+
+# ----------------------------------------------------------------------------- manifest, manager, lock
+
+import errno  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+def _manager_save(manager, step, value=0.0):
+    return manager.save(step, model_state={"w": torch.full((64, 64), value)}, optimizer=torch.optim.SGD(
+        [torch.nn.Parameter(torch.zeros(2))], lr=0.1), trainer_state={"step": step}, model_config={"hidden_size": 2},
+        config_yaml="name: test\n")
+
+
+def test_manifest_is_written_last_and_covers_every_file_with_size_and_sha256(tmp_path, monkeypatch):
+    order = []
+    real_write = ckpt._write
+    monkeypatch.setattr(ckpt, "_write", lambda path, obj: (order.append(path.name), real_write(path, obj)))
+    path = _save(tmp_path, 3)
+    assert order[-1] == "manifest.json"
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    on_disk = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    assert sorted(files) == [n for n in on_disk if n != "manifest.json"]
+    for name, entry in files.items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert ckpt.verify_checkpoint(path) is None
+
+
+def test_manifest_covers_the_optimizer_shards_the_ranks_staged(tmp_path):
+    ckpt.prepare_staging(tmp_path, 4)
+    staged = ckpt.staging_dir(tmp_path, 4) / "optimizer"
+    for rank in (0, 1):  # what two ranks' save_sharded leave before rank 0 saves the rest
+        torch.save({"state": {}, "param_groups": []}, staged / f"rank{rank:05d}.pt")
+    (staged / "index.json").write_text("{}")
+    path = ckpt.save_checkpoint(tmp_path, 4, model_state={}, model_config={}, optimizer_state=None,
+                                trainer_state={}, config_yaml="", keep_last=1)
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    assert {"optimizer/rank00000.pt", "optimizer/rank00001.pt", "optimizer/index.json"} <= set(files)
+    (path / "optimizer" / "rank00001.pt").write_bytes(b"")  # a lost shard is found too
+    assert ckpt.verify_checkpoint(path) == f"optimizer/rank00001.pt: size 0 != {files['optimizer/rank00001.pt']['size']}"
+
+
+def test_verify_names_the_damaged_file_and_accepts_an_old_checkpoint_without_manifest(tmp_path):
+    path = _save(tmp_path, 1)
+    size = (path / "model.pt").stat().st_size
+    (path / "model.pt").write_bytes((path / "model.pt").read_bytes()[:100])
+    assert ckpt.verify_checkpoint(path) == f"model.pt: size 100 != {size}"
+    path = _save(tmp_path, 2)
+    size = json.loads((path / "manifest.json").read_text())["files"]["model_config.json"]["size"]
+    (path / "model_config.json").write_text("x" * size)  # garbage of the same size: the checksum finds it
+    assert ckpt.verify_checkpoint(path) == "model_config.json: sha256 differs from manifest.json"
+    path = _save(tmp_path, 3)
+    (path / "trainer.pt").unlink()
+    assert ckpt.verify_checkpoint(path) == "trainer.pt: missing"
+    (path / "manifest.json").unlink()  # as older code wrote them: usable only with model.pt and trainer.pt
+    assert ckpt.verify_checkpoint(path) == "trainer.pt: missing (and no manifest.json to check the rest)"
+    path = _save(tmp_path, 4)
+    (path / "manifest.json").unlink()
+    assert ckpt.verify_checkpoint(path) is None
+
+
+def test_resolve_auto_falls_back_to_the_newest_checkpoint_that_verifies_with_one_warning(tmp_path):
+    lines = []
+    manager = ckpt.CheckpointManager(tmp_path, keep_last=5, say=lambda *a, **k: lines.append(a[0]))
+    good, bad = _manager_save(manager, 10), _manager_save(manager, 20)
+    (bad / "model.pt").write_bytes(b"x")
+    assert manager.resolve("auto") == good
+    assert len(lines) == 1 and f"{bad} is damaged (model.pt: size 1 != " in lines[0] and lines[0].endswith(f"using {good}")
+    assert manager.resolve(None) is None
+    with pytest.raises(ckpt.ResumeError, match=r"step_00000020 is damaged \(model.pt: size 1 != \d+\); pass another"):
+        manager.resolve(str(bad))
+    (good / "trainer.pt").unlink()
+    with pytest.raises(ckpt.ResumeError, match="no checkpoint in .* verifies"):
+        manager.resolve("auto")
+
+
+def test_full_disk_is_one_line_naming_the_file_and_leaves_no_staging_directory(tmp_path, monkeypatch):
+    manager = ckpt.CheckpointManager(tmp_path, keep_last=5)
+    first = _manager_save(manager, 1, value=1.0)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if getattr(f, "name", "").endswith("model.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointWriteError) as error:
+        _manager_save(manager, 2)
+    message = str(error.value)
+    assert message == (f"checkpoint: no space left on device while writing "
+                       f"{ckpt.staging_dir(tmp_path, 2) / 'model.pt'}; the previous checkpoint {first} is intact")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # no .tmp- left behind
+    assert ckpt.verify_checkpoint(first) is None
+
+
+def test_config_changes_refuses_shape_and_method_and_lets_schedule_settings_change():
+    saved = {"name": "a", "model": {"size": "nano"}, "data": {"tokenizer": "sample"},
+             "optim": {"name": "subtrack++", "lr": 0.01, "rank": 8, "subspace": None, "state_bits": 32},
+             "train": {"max_steps": 10, "seed": 0}, "checkpoint": {"resume": None}}
+    new = json.loads(json.dumps(saved))
+    new["optim"].update(lr=0.05, subspace="grassmann")  # grassmann is subtrack++'s own choice: no change
+    new["train"].update(max_steps=20, seed=1)
+    new["checkpoint"]["resume"] = "auto"
+    fixed, changed = ckpt.config_changes(saved, new, {"hidden_size": 64, "init_std": 0.02},
+                                         {"hidden_size": 64, "init_std": 0.01})
+    assert fixed == []
+    assert changed == [("optim.lr", 0.01, 0.05, "takes effect"), ("train.max_steps", 10, 20, "takes effect"),
+                       ("train.seed", 0, 1, "ignored: the checkpoint's RNG state continues")]
+    for section, key, value in [("optim", "rank", 4), ("optim", "name", "galore"), ("optim", "moments", "keep"),
+                                ("optim", "state_bits", 8), ("data", "tokenizer", "other.model")]:
+        other = json.loads(json.dumps(saved))
+        other[section][key] = value
+        assert ckpt.config_changes(saved, other, {}, {})[0][0][0] == f"{section}.{key}"
+    fixed, _ = ckpt.config_changes(saved, saved, {"hidden_size": 64}, {"hidden_size": 128})
+    assert fixed == [("model.hidden_size", 64, 128)]
+
+
+HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from pretrain.checkpoint import locked_run_dir
+with locked_run_dir(sys.argv[2]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_run_dir_lock_names_the_holder_and_is_released_when_the_holder_is_killed(tmp_path):
+    import os
+    import signal
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, root, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ckpt.RunDirLocked, match=f"in use by pid {holder.pid} on "):
+            with ckpt.locked_run_dir(tmp_path):
+                pass
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # no cleanup runs: the kernel drops the lock
+        holder.wait()
+    with ckpt.locked_run_dir(tmp_path):
+        assert (tmp_path / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+    with ckpt.locked_run_dir(tmp_path):  # released at the end of the block
+        pass
+
+
+def test_metrics_after_the_resumed_step_are_dropped_from_jsonl(tmp_path):
+    from pretrain.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3, 4):
+        logger.log(step, {"train/loss": float(step)})
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "trai')  # torn by a crash
+    logger = MetricsLogger(tmp_path, tensorboard=False, resume_step=2)
+    logger.log(3, {"train/loss": 30.0})
+    logger.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def _full_disk_on_rank_1_job(root):
+    """On each of 2 gloo ranks: a sharded save at step 1, then one at step 2 whose shard write on
+    rank 1 only hits a full disk. Returns (what save(2) raised on this rank, the checkpoints left)."""
+    import torch.distributed as dist
+
+    from optim.sharded import build_sharded_optimizer
+
+    model, cfg = _model_and_config()
+    optimizer = _stepped(model, build_sharded_optimizer(model, cfg, reduce_gradients=True), steps=1)
+    manager = ckpt.CheckpointManager(root, keep_last=3, rank=dist.get_rank(), world_size=2, sharded=True)
+
+    def save(step):
+        return manager.save(step, model_state=model.state_dict(), optimizer=optimizer, trainer_state={"step": step},
+                            model_config={}, config_yaml="")
+
+    save(1)
+    real_save = torch.save
+    if dist.get_rank() == 1:
+        torch.save = lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+    try:
+        save(2)
+        raised = None
+    except ckpt.CheckpointWriteError as e:
+        raised = str(e)
+    finally:
+        torch.save = real_save
+    dist.barrier()
+    return raised, sorted(p.name for p in root.iterdir())
+
+
+def test_full_disk_on_one_rank_fails_the_save_on_every_rank_without_hanging(tmp_path):
+    from tests.distributed import run_distributed
+
+    results = run_distributed(_full_disk_on_rank_1_job, 2, tmp_path, timeout=120)
+    first = tmp_path / "step_00000001"
+    for raised, left in results:  # the same one-line report on both ranks, rank 1's file named
+        assert raised == (f"checkpoint: no space left on device while writing {ckpt.staging_dir(tmp_path, 2)}"
+                          f"/optimizer/rank00001.pt; the previous checkpoint {first} is intact")
+        assert left == ["step_00000001"]
+    assert ckpt.verify_checkpoint(first) is None

@@ -483,3 +483,138 @@ def test_per_layer_refusal_fires_at_build_before_any_step(tmp_path):
     with pytest.raises(ValueError, match="grad_clip"):
         train(cfg)
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- resume checks (CheckpointManager)
+
+RESUMABLE = ["optim.name=subtrack++", "optim.rank=8", "optim.update_interval=2", "train.max_steps=4",
+             "train.eval_batches=0", "checkpoint.every=2", "log.tensorboard=true"]
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A finished nano run of 4 steps with checkpoints at steps 2 and 4 (copied by each test that damages it)."""
+    base = tmp_path_factory.mktemp("four_steps")
+    config = nano_config(base)
+    train(load_config(config, [f"log.run_dir={base / 'run'}", *RESUMABLE], world_size=1))
+    return config, base / "run"
+
+
+def copy_run(four_steps, tmp_path):
+    import shutil
+
+    config, run_dir = four_steps
+    shutil.copytree(run_dir, tmp_path / "run")
+    return config, tmp_path / "run"
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda c: truncate(c / "model.pt"), "model.pt: size"),
+    (lambda c: truncate(c / "optimizer" / "rank00000.pt"), "optimizer/rank00000.pt: size"),
+    (lambda c: (c / "trainer.pt").unlink(), "trainer.pt: missing"),
+    (lambda c: (c / "model_config.json").write_text("{not json" + " " * 400), "model_config.json: size"),
+])
+def test_resume_auto_falls_back_past_a_damaged_checkpoint_with_one_warning(four_steps, tmp_path, capsys, damage, named):
+    config, run_dir = copy_run(four_steps, tmp_path)
+    newest = run_dir / "checkpoints" / "step_00000004"
+    damage(newest)
+    cfg = load_config(config, [f"log.run_dir={run_dir}", *RESUMABLE, "train.max_steps=5", "checkpoint.resume=auto"],
+                      world_size=1)
+    summary = train(cfg)
+    assert summary["start_step"] == 2 and summary["step"] == 5
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
+    assert len(warnings) == 1 and f"{newest} is damaged ({named}" in warnings[0]
+    assert warnings[0].endswith(f"using {run_dir / 'checkpoints' / 'step_00000002'}")
+
+
+def test_resume_from_a_damaged_path_is_one_error_line_and_exit_2(four_steps, tmp_path, capsys):
+    config, run_dir = copy_run(four_steps, tmp_path)
+    damaged = run_dir / "checkpoints" / "step_00000004"
+    truncate(damaged / "model.pt")
+    code = cli.main(["--config", str(config), "--set", f"log.run_dir={run_dir}", *RESUMABLE, "train.max_steps=6",
+                     "--resume", str(damaged)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"pretrain: resume: checkpoint {damaged} is damaged (model.pt: size ")
+
+
+@pytest.mark.parametrize("override, key", [("optim.rank=4", "optim.rank"), ("optim.name=galore", "optim.name"),
+                                           ("model.hidden_size=128", "model.hidden_size")])
+def test_resume_refuses_a_setting_that_cannot_change_before_writing_anything(four_steps, tmp_path, capsys, override, key):
+    config, run_dir = copy_run(four_steps, tmp_path)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    code = cli.main(["--config", str(config), "--set", f"log.run_dir={run_dir}", *RESUMABLE, "train.max_steps=6",
+                     override, "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"pretrain: resume: {key} cannot change on resume" in err
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == {p: b for p, b in before.items() if p.name != ".lock"}  # config.yaml, metrics: untouched
+
+
+def test_resume_with_a_new_lr_and_update_interval_takes_effect_and_metrics_restart_at_the_resumed_step(
+        four_steps, tmp_path, capsys):
+    from pretrain.schedule import lr_multiplier
+
+    config, run_dir = copy_run(four_steps, tmp_path)
+    resume = run_dir / "checkpoints" / "step_00000002"
+    cfg = load_config(config, [f"log.run_dir={run_dir}", *RESUMABLE, "optim.lr=0.05", "optim.update_interval=3",
+                               "train.max_steps=6", f"checkpoint.resume={resume}", "train.steps_per_run=1"],
+                      world_size=1)
+    summary = train(cfg)
+    out = capsys.readouterr().out
+    assert "resume: optim.lr 0.003 -> 0.05 (takes effect)" in out
+    assert "resume: optim.update_interval 2 -> 3 (takes effect)" in out
+    assert "resume: train.max_steps 4 -> 6 (takes effect)" in out
+    records = [r for r in read_metrics(run_dir) if "train/loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]  # the first run's steps 3 and 4 are gone
+    assert records[-1]["lr"] == pytest.approx(0.05 * lr_multiplier(2, 2, 6, 0.1))  # new lr, new schedule length
+    groups = load_checkpoint(summary["checkpoint"])["optimizer"]["param_groups"]
+    assert {g["update_proj_gap"] for g in groups if "update_proj_gap" in g} == {3}
+    assert {g["initial_lr"] for g in groups} == {0.05}
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]  # purge_step hid the old 3 and 4
+    assert (run_dir / "config.yaml").read_text() == load_checkpoint(summary["checkpoint"])["config_yaml"]
+
+
+def test_second_job_on_a_locked_run_dir_is_one_line_naming_the_holder_and_exit_2(tmp_path, capsys):
+    from pretrain.checkpoint import locked_run_dir
+
+    run_dir = tmp_path / "run"
+    with locked_run_dir(run_dir):  # the first job
+        code = cli.main(["--config", str(nano_config(tmp_path)), "--set", f"log.run_dir={run_dir}", "train.max_steps=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"pretrain: run dir {run_dir} is in use by pid {os.getpid()} on ")
+    assert not (run_dir / "config.yaml").exists()
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+
+    run_dir = tmp_path / "run"
+    real_save = torch.save
+    saved = []
+
+    def disk_full_at_step_2(obj, f, *a, **k):
+        if "step_00000002" in getattr(f, "name", "") and f.name.endswith("trainer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(f)
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_2)
+    code = cli.main(["--config", str(nano_config(tmp_path)), "--set", f"log.run_dir={run_dir}", "train.max_steps=2",
+                     "checkpoint.every=1", "train.eval_batches=0"])
+    err = capsys.readouterr().err
+    first = run_dir / "checkpoints" / "step_00000001"
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err == (f"pretrain: checkpoint: no space left on device while writing {run_dir / 'checkpoints'}/"
+                   f".tmp-step_00000002/trainer.pt; the previous checkpoint {first} is intact\n")
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000001"]

@@ -61,7 +61,8 @@ def save_shards(directory: str, shard: dict, rank: int, world_size: int, owners:
     """Every rank writes its `shard` as `shard_file(rank)`; rank 0 writes `index.json` (world size,
     owner of each name, files). Collective: returns once all shards are on disk."""
     os.makedirs(directory, exist_ok=True)
-    torch.save(shard, os.path.join(directory, shard_file(rank)))
+    with open(os.path.join(directory, shard_file(rank)), "wb") as f:  # a full disk: OSError(ENOSPC), not RuntimeError
+        torch.save(shard, f)
     if rank == 0:
         index = {"world_size": world_size, "owners": owners, "files": [shard_file(r) for r in range(world_size)]}
         with open(os.path.join(directory, INDEX_FILE), "w") as f:
