@@ -202,6 +202,34 @@ def test_moment_rotation_within_the_same_span_keeps_first_moment_and_total_varia
     assert torch.allclose(V_new.sum(1), V.T.sum(1))
 
 
+@pytest.mark.parametrize("t", [3, 20, 200])
+def test_moment_rotation_early_in_training_keeps_adams_step_bounded(t):
+    """Raw Adam buffers after t steps: M ~ (1 - b1^t) mean, V ~ (1 - b2^t) E[g^2], so early on raw V is far
+    below M*M and the variance V - M*M of the raw form is negative. Rotating the variance of the
+    bias-corrected moments (mean_weight) keeps |M'| / sqrt(V') at Adam's scale after a move; the raw
+    form (weight 1) clips V' to ~0 where M' is not and Adam's step jumps by orders of magnitude."""
+    g = torch.Generator().manual_seed(9)
+    r, n, betas = 6, 40, (0.9, 0.999)
+    M, V = torch.zeros(r, n, dtype=torch.float64), torch.zeros(r, n, dtype=torch.float64)
+    for _ in range(t):  # gradients with a steady mean and noise, as Adam sees them
+        grad = 1.0 + 0.5 * torch.randn(r, n, generator=g, dtype=torch.float64)
+        M = betas[0] * M + (1 - betas[0]) * grad
+        V = betas[1] * V + (1 - betas[1]) * grad * grad
+    Q = orthonormal(r, r, g, torch.float64)  # a move that mixes every coordinate
+
+    def adam_ratio(M, V):  # |bias-corrected M| / sqrt(bias-corrected V), Adam's normalised step
+        return (M.abs() / (1 - betas[0] ** t)) / (V / (1 - betas[1] ** t)).sqrt().clamp_min(1e-12)
+
+    assert float(adam_ratio(M, V).max()) < 1.5  # before the move
+    weight = gm.adam_mean_weight(betas, t)
+    M_new, V_new = gm.rotate_moments(M, V, Q, "left", mean_weight=weight)
+    assert float(adam_ratio(M_new, V_new).max()) < 1.5
+    if t < 50:
+        _, V_raw = gm.rotate_moments(M, V, Q, "left")
+        assert float(adam_ratio(M_new, V_raw).max()) > 10.0
+    assert gm.adam_mean_weight(betas, 0) == 1.0 and gm.adam_mean_weight(betas, 10 ** 6) == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_recovery_term_exact_residual_is_orthogonal_to_span_and_scaled_per_column(side):
     g = torch.Generator().manual_seed(9)
