@@ -17,14 +17,20 @@ from optim.options import PROJECTED, STATE_BITS, check, check_rank, option
 
 _DEFAULT = {o.field: o.config_default for o in PROJECTED if o.field}
 
-# The three choices of each low-rank preset (docs/architecture.md, "The optimizer family").
+# The choices of each low-rank preset (docs/architecture.md, "The optimizer family"): subspace, moment
+# and residual rules, and whether the recovery term moves at lr x scale like the in-subspace update.
+# `subtrack++` is our SubTrack++ (recovery scaled: the side-by-side benchmark in docs/benchmarks.md);
+# `subtrack++paper` keeps the published method's recovery at the full lr.
 PRESETS: dict[str, dict | None] = {
     "adamw": None,  # no projected groups: torch.optim.AdamW itself
-    "galore": {"subspace": "svd", "moments": "keep", "residual": "drop"},
-    "fira": {"subspace": "svd", "moments": "keep", "residual": "recover"},
-    "subtrack": {"subspace": "grassmann", "moments": "keep", "residual": "drop"},
-    "subtrack++": {"subspace": "grassmann", "moments": "rotate", "residual": "recover"},
+    "galore": {"subspace": "svd", "moments": "keep", "residual": "drop", "scale_recovery": False},
+    "fira": {"subspace": "svd", "moments": "keep", "residual": "recover", "scale_recovery": False},
+    "subtrack": {"subspace": "grassmann", "moments": "keep", "residual": "drop", "scale_recovery": False},
+    "subtrack++": {"subspace": "grassmann", "moments": "rotate", "residual": "recover", "scale_recovery": True},
+    "subtrack++paper": {"subspace": "grassmann", "moments": "rotate", "residual": "recover",
+                        "scale_recovery": False},
 }
+PRESET_KEYS = ("subspace", "moments", "residual", "scale_recovery")  # null in optim: = the preset's
 
 # Attention q/k/v/o and MLP gate/up/down weights are projected (names as docs/architecture.md).
 PROJECTED_NAME = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -34,7 +40,7 @@ PROJECTED_NAME = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(g
 class OptimConfig:
     """The `optim` section of a run config.
 
-    name: adamw | galore | fira | subtrack | subtrack++.
+    name: adamw | galore | fira | subtrack | subtrack++ | subtrack++paper.
     rank / update_interval: None = not set; the run config fills them from the paper's value for
         the model size (models.PAPER_RANK), and a projected preset refuses to build without them.
     subspace / moments / residual: None takes the preset's choice; a value overrides it.
@@ -66,7 +72,7 @@ class OptimConfig:
     max_angle: float | None = _DEFAULT["max_angle"]
     limiter: float = _DEFAULT["limiter"]
     recovery_scaled_back: bool = _DEFAULT["recovery_scaled_back"]
-    scale_recovery: bool = _DEFAULT["scale_recovery"]
+    scale_recovery: bool | None = _DEFAULT["scale_recovery"]
     rotate_compat: bool = _DEFAULT["rotate_compat"]
     per_layer: bool = False
 
@@ -94,12 +100,12 @@ class OptimConfig:
             raise ValueError(f"optim.per_layer {self.per_layer!r} must be true or false")
 
     def choices(self) -> dict | None:
-        """The preset's (subspace, moments, residual) with this config's overrides; None for adamw."""
+        """The preset's choices (PRESET_KEYS) with this config's overrides; None for adamw."""
         preset = PRESETS[self.name]
         if preset is None:
             return None
         out = dict(preset)
-        for key in ("subspace", "moments", "residual"):
+        for key in PRESET_KEYS:
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out

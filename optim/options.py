@@ -104,8 +104,9 @@ PROJECTED: tuple[Option, ...] = (
            bound=lambda v: not isinstance(v, (bool, str)) and v >= 1, must="must be >= 1 (1.01 in the papers)"),
     Option("recovery_scaled_back", True, "residual G - scale * back(R) as the published code (False: exact)",
            bound=_is_bool, must="must be true or false"),
-    Option("scale_recovery", False, "multiply the recovery term by scale too (False: full lr, as published)",
-           bound=_is_bool, must="must be true or false"),
+    Option("scale_recovery", False, "multiply the recovery term by scale too, like the in-subspace update "
+           "(False: at the full lr, as the published Fira / SubTrack++ code)",
+           bound=_is_bool, must="must be true or false", config_null="the preset's"),
     Option("rotate_compat", False, "the published SubTrack++ V rotation (abs(), extra (1 - beta2))",
            bound=_is_bool, must="must be true or false"),
     Option("basis_dtype", "float32", "storage dtype of S / P (their math stays float32)",

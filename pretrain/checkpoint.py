@@ -418,11 +418,11 @@ def config_changes(saved: dict, new: dict, saved_model: dict, new_model: dict) -
     optimizer method, rank, state bits, subspace/moment/residual rules); changed = [(key, saved,
     new, note)] that may. A key missing on either side (a config from older code) is not compared.
     """
-    from optim.factory import PRESETS
+    from optim.factory import PRESET_KEYS, PRESETS
 
     old, now = _flat(saved or {}), _flat(new)
     for flat in (old, now):  # null = the preset's choice: compare the choices themselves
-        for rule in ("subspace", "moments", "residual"):
+        for rule in PRESET_KEYS:
             if flat.get(f"optim.{rule}") is None:
                 flat[f"optim.{rule}"] = (PRESETS.get(flat.get("optim.name")) or {}).get(rule)
     for key in set(saved_model) & set(new_model) - set(MODEL_FREE):  # the resolved shape, not the spelling

@@ -26,12 +26,14 @@ class ReferenceSubTrack:
     """
 
     def __init__(self, shape, rank, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, gap=200, scale=0.25,
-                 eta=10000.0, moments="rotate", residual="recover", scaled_back=True, gamma=1.01):
+                 eta=10000.0, moments="rotate", residual="recover", scaled_back=True, gamma=1.01,
+                 scale_recovery=False):
         m, n = shape
         self.left = m < n
         self.rank, self.lr, self.betas, self.eps, self.wd = rank, lr, betas, eps, weight_decay
         self.gap, self.scale, self.eta, self.moments, self.residual = gap, scale, eta, moments, residual
         self.scaled_back, self.gamma = scaled_back, gamma
+        self.recovery_weight = scale if scale_recovery else 1.0
         self.t = 0
         self.S = self.M = self.V = self.prev_norm = None
         self.angles = []
@@ -84,6 +86,6 @@ class ReferenceSubTrack:
             if self.prev_norm is not None and norm > self.gamma * self.prev_norm:
                 term = term * (self.gamma * self.prev_norm / norm)
             self.prev_norm = term.norm()
-            update = update + term
+            update = update + self.recovery_weight * term
         W = W - step_size * update
         return W - self.lr * self.wd * W

@@ -267,8 +267,8 @@ def test_norm_growth_limiter_caps_growth_at_gamma_and_skips_first_step():
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("back_scale", [0.25, 1.0])
-def test_fused_recovered_update_equals_back_projection_plus_limited_recovery_term(side, back_scale):
+@pytest.mark.parametrize("back_scale, weight", [(0.25, 1.0), (1.0, 1.0), (0.25, 0.25)])
+def test_fused_recovered_update_equals_back_projection_plus_limited_recovery_term(side, back_scale, weight):
     g = torch.Generator().manual_seed(10)
     m, n, r = 12, 30, 3
     S = orthonormal(m, r, g, torch.float64)
@@ -280,8 +280,8 @@ def test_fused_recovered_update_equals_back_projection_plus_limited_recovery_ter
         R = gm.project(G, basis, side)
         N = torch.randn_like(R)
         term, expected_norm = gm.limit_norm_growth(gm.recovery_term(G, R, N, basis, side, back_scale), prev)
-        expected = 0.25 * gm.project_back(N, basis, side) + term
-        update, norm = gm.recovered_update(G, R, N, basis, side, 0.25, back_scale, prev)
+        expected = 0.25 * gm.project_back(N, basis, side) + weight * term  # weight 0.25: scale_recovery
+        update, norm = gm.recovered_update(G, R, N, basis, side, 0.25, back_scale, prev, recovery_weight=weight)
         assert torch.allclose(update, expected, atol=1e-12)
         assert torch.allclose(norm, expected_norm, rtol=1e-10)
         prev = norm

@@ -115,15 +115,16 @@ def test_adamw_preset_equals_torch_adamw():
     assert sorted(names) == sorted(n for n, _ in ours_model.named_parameters())
 
 
-@pytest.mark.parametrize("name, choices", [("subtrack++", ("grassmann", "rotate", "recover")),
-                                           ("subtrack", ("grassmann", "keep", "drop")),
-                                           ("galore", ("svd", "keep", "drop")),
-                                           ("fira", ("svd", "keep", "recover"))])
-def test_presets_project_attention_and_mlp_weights_with_their_three_choices(name, choices):
+@pytest.mark.parametrize("name, choices", [("subtrack++", ("grassmann", "rotate", "recover", True)),
+                                           ("subtrack++paper", ("grassmann", "rotate", "recover", False)),
+                                           ("subtrack", ("grassmann", "keep", "drop", False)),
+                                           ("galore", ("svd", "keep", "drop", False)),
+                                           ("fira", ("svd", "keep", "recover", False))])
+def test_presets_project_attention_and_mlp_weights_with_their_choices(name, choices):
     model = nano()
     opt = build_optimizer(model, OptimConfig(name=name, rank=RANK, update_interval=INTERVAL, step_size="auto"))
     plain, projected = opt.param_groups
-    assert (projected["subspace"], projected["moments"], projected["residual"]) == choices
+    assert (projected["subspace"], projected["moments"], projected["residual"], projected["scale_recovery"]) == choices
     assert projected["step_size"] == "auto" and projected["scale"] == 0.25 and projected["rank"] == RANK
     assert sorted(projected["names"]) == sorted(
         f"layers.{i}.{m}.weight" for i in range(2)
@@ -131,8 +132,9 @@ def test_presets_project_attention_and_mlp_weights_with_their_three_choices(name
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
     assert {"embed_tokens.weight", "lm_head.weight", "norm.weight"} <= set(plain["names"])
     # An override of one choice replaces the preset's.
-    opt = build_optimizer(model, OptimConfig(name=name, rank=RANK, update_interval=INTERVAL, moments="reset"))
-    assert opt.param_groups[-1]["moments"] == "reset"
+    opt = build_optimizer(model, OptimConfig(name=name, rank=RANK, update_interval=INTERVAL, moments="reset",
+                                             scale_recovery=not choices[3]))
+    assert opt.param_groups[-1]["moments"] == "reset" and opt.param_groups[-1]["scale_recovery"] == (not choices[3])
 
 
 @pytest.mark.parametrize("fields, message", [({"name": "lion"}, "optim.name 'lion' is unknown"),

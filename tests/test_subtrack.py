@@ -56,8 +56,9 @@ def subtrack(model, update_interval=3, **options):
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["left", "right"])
 @pytest.mark.parametrize("method", [{"moments": "rotate", "residual": "recover"},
                                     {"moments": "keep", "residual": "drop"},
-                                    {"moments": "rotate", "residual": "recover", "recovery_scaled_back": False}],
-                         ids=["subtrack++", "subtrack", "subtrack++exact"])
+                                    {"moments": "rotate", "residual": "recover", "recovery_scaled_back": False},
+                                    {"moments": "rotate", "residual": "recover", "scale_recovery": True}],
+                         ids=["subtrack++paper", "subtrack", "subtrack++exact", "subtrack++"])
 def test_projected_update_matches_slow_float64_reference(shape, method):
     """Float64 weights keep float64 state, so the comparison is to rounding (the limiter's 1e-8
     eps is the only formula difference); the fixed eta gives angles around 0.1 to 0.3 rad."""
@@ -74,7 +75,8 @@ def test_projected_update_matches_slow_float64_reference(shape, method):
     opt = SubTrackAdamW([group], lr=1e-2, weight_decay=0.1)
     ref = ReferenceSubTrack(shape, 4, lr=1e-2, weight_decay=0.1, gap=5, scale=0.25, eta=eta,
                             moments=method["moments"], residual=method["residual"],
-                            scaled_back=method.get("recovery_scaled_back", True))
+                            scaled_back=method.get("recovery_scaled_back", True),
+                            scale_recovery=method.get("scale_recovery", False))
     w_ref = w0
     for G in grads:
         weight.grad = G.clone()

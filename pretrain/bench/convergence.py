@@ -14,7 +14,8 @@ matplotlib: `pip install -c constraints.txt -e ".[bench]"`).
 
 A method is a preset name (`galore`) or `LABEL=PRESET[,key=value...]` with optim keys, e.g.
 `rank1=subtrack++,geodesic_rank=1`. `--ablation` compares SubTrack++'s parts the way the paper does:
-tracking alone (subtrack), + rotation, + recovery, both (subtrack++), with GaLore beside them.
+tracking alone (subtrack), + rotation, + recovery, both (subtrack++), with GaLore and the
+published recovery at the full lr (subtrack++paper) beside them.
 """
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ from pathlib import Path
 DEFAULT_METHODS = ("adamw", "galore", "fira", "subtrack", "subtrack++")
 ADAMW_LRS = (1e-3, 2e-3, 5e-3)
 LOW_RANK_LRS = (2.5e-3, 5e-3, 1e-2, 2e-2)
+# The paper's ablation (tracking alone, + rotation, + recovery, both) with recovery scaled as our
+# subtrack++ preset does, plus the published recovery at the full lr (subtrack++paper) and GaLore.
 ABLATION = ("galore", "tracking=subtrack", "tracking+rotation=subtrack,moments=rotate",
-            "tracking+recovery=subtrack,residual=recover", "subtrack++")
+            "tracking+recovery=subtrack,residual=recover,scale_recovery=true", "subtrack++paper", "subtrack++")
 PLOT_HINT = 'the plot needs matplotlib: pip install -c constraints.txt -e ".[bench]"'
 
 
