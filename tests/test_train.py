@@ -424,7 +424,7 @@ def test_bfloat16_weights_train_with_float32_optimizer_state(tmp_path):
     run_dir = tmp_path / "run"
     cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "train.param_dtype=bfloat16",
                                               "optim.name=subtrack++", "optim.rank=8", "optim.update_interval=3",
-                                              "train.max_steps=6", "train.eval_batches=1"], world_size=1)
+                                              "train.max_steps=10", "train.eval_batches=1"], world_size=1)
     summary = train(cfg)
     assert summary["final_eval_loss"] < summary["first_eval_loss"] - 0.1, summary["evals"]
     final = load_checkpoint(summary["checkpoint"])
