@@ -3,8 +3,11 @@
     set up       distributed, seed, tokenizer, model, optimizer, learning-rate schedule, data
     resume       model, optimizer, schedule, data position, RNG state and step from a checkpoint
     loop         gradient accumulation -> reduce over ranks, clip, optimizer step (the strategy) -> metrics
+                 (losses and gradient norm stay on the device; read every log.log_every steps, so the
+                 host waits for the device only at log, evaluation and checkpoint steps)
     evaluation   loss and perplexity on fixed validation batches: step 0, every eval_every, the end
-    checkpoints  every checkpoint.every steps, on SIGTERM / SIGUSR1 (then exit 0), at the end
+    checkpoints  every checkpoint.every steps, on SIGTERM / SIGUSR1 (then exit 0; with several ranks
+                 the signal is checked, collectively, every log_every steps), at the end
 
 How a step is distributed is the strategy's business (train.parallelism, pretrain/strategies/:
 single, replicate, zero, deepspeed): it wraps the model, builds the optimizer, runs backward and
@@ -38,7 +41,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends one of them befor
 
 
 class StopRequest:
-    """Remembers a SIGTERM / SIGUSR1; the loop checks it at each step boundary, saves and exits."""
+    """Remembers a SIGTERM / SIGUSR1; the loop checks it at a step boundary (every step with one process,
+    every log_every steps with several: the check is an all-reduce), saves and exits."""
 
     def __init__(self):
         self.signum = None
@@ -191,7 +195,43 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
                         mode=cfg.log.progress_bar)
     train_losses, evals, stopped_by, checksums = [], [], None, []
     last_saved, saved_step = None, None  # saved_step is the same on every rank (save() is collective)
-    started = time.perf_counter()
+    started = window_start = time.perf_counter()
+    pending = []  # this rank's loss of each step since the last log, left on the device until then
+    log_every = cfg.log.log_every
+
+    def stop_requested() -> bool:
+        """Collective with several ranks (every rank must see a signal that reached any of them: SLURM may
+        signal one task), so the loop asks at the same steps on every rank: every log_every steps."""
+        if world > 1:
+            signum = distributed.all_reduce_max(torch.tensor([float(stop.signum or 0)], device=device), world)
+            if signum.item() > 0 and stop.signum is None:
+                stop.signum = int(signum.item())
+        return stop.signum is not None
+
+    def log_metrics(step: int, lr: float, grad_norm: torch.Tensor) -> None:
+        """The one place the loop waits for the device between evaluations and checkpoints: the pending
+        losses (all-reduced together), and the scalars of `step`; speed is the mean since the last log.
+        Collective: every rank calls it at the same steps."""
+        nonlocal window_start
+        losses = distributed.all_reduce_sum(torch.stack(pending), world).tolist()
+        train_losses.extend(loss / world for loss in losses)
+        step_time = (time.perf_counter() - window_start) / len(pending)
+        scalars = {"train/loss": train_losses[-1], "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": tokens_per_step / step_time, "step_time": step_time}
+        scalars["model_tflops"] = model_flops_per_step / step_time / 1e12  # all ranks together
+        if peak is not None:
+            scalars["mfu"] = model_flops_per_step / step_time / (peak * world)
+        if device.type == "cuda":
+            scalars["peak_memory"] = torch.cuda.max_memory_allocated(device)  # since the last log
+            torch.cuda.reset_peak_memory_stats(device)
+        stats = optimizer.pop_subspace_stats() if hasattr(optimizer, "pop_subspace_stats") else None
+        if stats and stats.get("count", 1) > 0:  # low-rank optimizers: subspace movement since the last log
+            scalars.update({f"subspace/{k}": v for k, v in stats.items()})
+        metrics.log(step, scalars)
+        progress.update(step, f"loss {train_losses[-1]:.4f} | lr {lr:.2e} | grad norm {scalars['grad_norm']:.3f} | "
+                              f"{scalars['tokens_per_s']:.0f} tok/s")
+        pending.clear()
+        window_start = time.perf_counter()
 
     def run_evaluation(step: int) -> None:
         if not val_batches:
@@ -218,11 +258,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         run_evaluation(0)
     batches = iter(loader)
     while step < stop_at:
-        if world > 1:  # every rank must see a signal that reached any of them (SLURM may signal one task)
-            signum = distributed.all_reduce_max(torch.tensor([float(stop.signum or 0)], device=device), world)
-            if signum.item() > 0 and stop.signum is None:
-                stop.signum = int(signum.item())
-        if stop.signum is not None:
+        # A stop is honoured within log_every steps with several ranks, at the next step with one.
+        if (world == 1 or step % log_every == 0) and stop_requested():
             stopped_by = signal.Signals(stop.signum).name
             break
 
@@ -232,9 +269,6 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         boundary = loader.state_dict() if world == 1 else None  # the data position after the last step
         weights_moving = False
         try:
-            t0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             lr = optimizer.param_groups[0]["lr"]
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
@@ -259,29 +293,18 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
             raise
         if tc.replica_check_every and step % tc.replica_check_every == 0:
             checksums.append((step, distributed.check_replicas(model, world, step)))  # raises if ranks differ
-
-        train_loss = distributed.all_reduce_sum(loss_sum, world).item() / world
-        step_time = time.perf_counter() - t0
-        train_losses.append(train_loss)
-        scalars = {"train/loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_s": tokens_per_step / step_time, "step_time": step_time}
-        scalars["model_tflops"] = model_flops_per_step / step_time / 1e12  # all ranks together
-        if peak is not None:
-            scalars["mfu"] = model_flops_per_step / step_time / (peak * world)
-        if device.type == "cuda":
-            scalars["peak_memory"] = torch.cuda.max_memory_allocated(device)
-        stats = optimizer.pop_subspace_stats() if hasattr(optimizer, "pop_subspace_stats") else None
-        if stats and stats.get("count", 1) > 0:  # low-rank optimizers: subspace movement since the last step
-            scalars.update({f"subspace/{k}": v for k, v in stats.items()})
-        metrics.log(step, scalars)
-        progress.update(step, f"loss {train_loss:.4f} | lr {lr:.2e} | grad norm {scalars['grad_norm']:.3f} | "
-                              f"{scalars['tokens_per_s']:.0f} tok/s")
+        pending.append(loss_sum)  # no .item(): the device runs ahead until the next log step
+        if step % log_every == 0 or step == stop_at:
+            log_metrics(step, lr, grad_norm)
 
         if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
             run_evaluation(step)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             last_saved, saved_step = save(step), step
             progress.write(f"step {step:>7d} | checkpoint {last_saved}")
+
+    if pending:  # stopped by a signal between log steps (one process): log the last step
+        log_metrics(step, lr, grad_norm)
 
     # ---------------------------------------------------------------- final checkpoint
     if stopped_by is None and step < tc.max_steps:

@@ -31,7 +31,7 @@ train:
   eval_every: 0
   eval_batches: 2
 log:
-  log_every: 5
+  log_every: 1
   tensorboard: false
 checkpoint:
   every: 0
@@ -408,6 +408,32 @@ def test_subtrack_run_logs_subspace_movement_at_the_update_steps(tmp_path):
     assert {step: r["subspace/count"] for step, r in moved.items()} == {3: projected, 5: projected}
     for r in moved.values():  # a real rotation: some basis turned by a positive angle
         assert r["subspace/angle_max"] > 0 and 0 < r["subspace/angle_mean"] <= r["subspace/angle_max"]
+
+
+def test_metrics_are_read_only_at_log_steps_and_train_losses_stay_complete(tmp_path):
+    """log.log_every=4 over 7 steps: metrics at step 4 and the last (7), each with the values of its
+    step; the subspaces move at steps 3, 5 and 7 (update_interval 2), so step 7's record sums the
+    movement of steps 5 and 7; summary["train_losses"] still has every step, equal to the
+    log_every=1 run's."""
+    from models.sizes import SIZES
+
+    runs = {}
+    for every in (1, 4):
+        run_dir = tmp_path / str(every)
+        cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "optim.name=subtrack++", "optim.rank=8",
+                                                  "optim.update_interval=2", "train.max_steps=7",
+                                                  "train.eval_batches=0", f"log.log_every={every}"], world_size=1)
+        runs[every] = (train(cfg), read_metrics(run_dir))
+    (every_step, per_step), (summary, records) = runs[1], runs[4]
+    assert summary["train_losses"] == every_step["train_losses"] and len(summary["train_losses"]) == 7
+    logged = {r["step"]: r for r in records if "train/loss" in r}
+    assert sorted(logged) == [4, 7]
+    by_step = {r["step"]: r for r in per_step if "train/loss" in r}
+    for step, r in logged.items():
+        assert r["train/loss"] == by_step[step]["train/loss"] and r["grad_norm"] == by_step[step]["grad_norm"]
+    moved = {r["step"]: r["subspace/count"] for r in records if "subspace/count" in r}
+    projected = 7 * SIZES["nano"].num_layers
+    assert moved == {4: projected, 7: 2 * projected}
 
 
 def test_bfloat16_weights_train_with_float32_optimizer_state(tmp_path):
