@@ -145,8 +145,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     say(f"model {cfg.model.size}: {count_parameters(model_cfg) / 1e6:.2f}M parameters, vocab {model_cfg.vocab_size}, "
         f"context {model_cfg.max_seq_len} | optimizer {cfg.optim.name} lr {cfg.optim.lr:g} | "
         f"{world} rank(s) x {tc.micro_batch_size} sequences x {accum} accumulation = {tc.total_batch_size} "
-        f"sequences ({tokens_per_step} tokens) per step | {strategy.describe()} | weights {tc.param_dtype} | device {device} | "
-        f"run dir {run_dir}", flush=True)
+        f"sequences ({tokens_per_step} tokens) per step | {strategy.describe()} | weights {tc.param_dtype} | "
+        f"device {device} | run dir {run_dir}", flush=True)
     checkpoints = strategy.checkpoint_manager(checkpoint_root, cfg.checkpoint.keep_last, say=say)
 
     def save(step: int) -> str:
@@ -233,6 +233,14 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         pending.clear()
         window_start = time.perf_counter()
 
+    @contextlib.contextmanager
+    def off_the_clock():
+        """Evaluation and checkpoints do not count towards the logged step time."""
+        nonlocal window_start
+        paused = time.perf_counter()
+        yield
+        window_start += time.perf_counter() - paused
+
     def run_evaluation(step: int) -> None:
         if not val_batches:
             return
@@ -255,7 +263,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
               "(fix the cause and resume with --resume auto)", file=sys.stderr, flush=True)
 
     if step == 0:
-        run_evaluation(0)
+        with off_the_clock():
+            run_evaluation(0)
     batches = iter(loader)
     while step < stop_at:
         # A stop is honoured within log_every steps with several ranks, at the next step with one.
@@ -297,11 +306,12 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         if step % log_every == 0 or step == stop_at:
             log_metrics(step, lr, grad_norm)
 
-        if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
-            run_evaluation(step)
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            last_saved, saved_step = save(step), step
-            progress.write(f"step {step:>7d} | checkpoint {last_saved}")
+        with off_the_clock():
+            if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
+                run_evaluation(step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                last_saved, saved_step = save(step), step
+                progress.write(f"step {step:>7d} | checkpoint {last_saved}")
 
     if pending:  # stopped by a signal between log steps (one process): log the last step
         log_metrics(step, lr, grad_norm)

@@ -301,7 +301,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 def _collectives_job():
     """On each of 2 gloo ranks: all_gather_objects on a tiny model, then the replica check twice:
-    identical weights, and after rank 1 moved one weight by one ulp (the second check's RuntimeError message is returned, None if it did not raise)."""
+    identical weights, and after rank 1 moved one weight by one ulp (the second check's
+    RuntimeError message is returned, None if it did not raise)."""
     import torch.distributed as dist
 
     from pretrain import distributed
