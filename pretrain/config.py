@@ -63,13 +63,42 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # weights (and gradients) in memory; optimizer
     # state stays float32 (SubTrack++ keeps its bases float32). bfloat16 = pure-bf16 training as GaLore's 7B run
-    sharded_optimizer: bool = True  # with > 1 rank: optimizer state sharded by whole matrices (optim/sharded.py)
-    deepspeed: str | None = None  # a DeepSpeed JSON (ZeRO stage 0, configs/deepspeed/): run under its engine
+    # How a step is distributed (pretrain/strategies/): auto = single with one process, zero with more;
+    # single | replicate (torch DDP, full optimizer per rank) | zero (optimizer state sharded by whole
+    # matrices, optim/sharded.py) | deepspeed (its engine at ZeRO stage 0; needs train.deepspeed)
+    parallelism: Literal["auto", "single", "replicate", "zero", "deepspeed"] = "auto"
+    sharded_optimizer: bool | None = None  # old spelling, still read: true = parallelism zero, false = replicate
+    deepspeed: str | None = None  # a DeepSpeed JSON (ZeRO stage 0, configs/deepspeed/): parallelism deepspeed
     replica_check_every: int = 0  # every N steps all ranks compare weight checksums (0: never); a debug aid
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step: total / (micro * world)."""
         return self.total_batch_size // (self.micro_batch_size * world_size)
+
+    def resolve_parallelism(self, world_size: int) -> str:
+        """The strategy name for `world_size` processes: train.parallelism with `auto` and the old keys
+        (train.sharded_optimizer true/false = zero/replicate, train.deepspeed = deepspeed) resolved.
+        One process runs single unless DeepSpeed is asked for: there is nothing to replicate or shard."""
+        chosen = self.parallelism
+        old = {True: "zero", False: "replicate", None: None}[self.sharded_optimizer]
+        if self.deepspeed is not None:
+            old = "deepspeed"
+        if old is not None and chosen not in ("auto", old):
+            raise ConfigError(f"train.parallelism = {chosen} contradicts the old key "
+                              f"{'train.deepspeed' if self.deepspeed else 'train.sharded_optimizer'} (= {old}); "
+                              "drop the old key and set train.parallelism alone")
+        chosen = old if chosen == "auto" and old is not None else chosen
+        if chosen == "deepspeed":
+            if self.deepspeed is None:
+                raise ConfigError("train.parallelism = deepspeed needs the engine's JSON: set train.deepspeed "
+                                  "(--deepspeed configs/deepspeed/zero0.json)")
+            return chosen
+        if world_size == 1:
+            return "single"
+        if chosen == "single":
+            raise ConfigError(f"train.parallelism = single runs one process, but {world_size} were launched; "
+                              "choose replicate, zero or auto")
+        return "zero" if chosen == "auto" else chosen
 
 
 @dataclass
@@ -401,8 +430,9 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     if t.deepspeed is not None and not Path(t.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed = {t.deepspeed!r} is not a file; pass a DeepSpeed JSON such as "
                           "configs/deepspeed/zero0.json (or drop --deepspeed)")
+    parallelism = t.resolve_parallelism(world_size)  # raises on contradicting keys
     if cfg.optim.per_layer:
-        if t.deepspeed is not None:
+        if parallelism == "deepspeed":
             raise ConfigError("optim.per_layer steps each weight in its gradient hook, which the DeepSpeed engine "
                               "does not allow; drop --deepspeed or set optim.per_layer: false")
         from optim.per_layer import check_per_layer_allowed

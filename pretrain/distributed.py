@@ -1,4 +1,4 @@
-"""Distributed set-up: who am I (rank, world size, local rank), process group, gradient averaging.
+"""Distributed set-up: who am I (rank, world size, local rank), process group, small collectives.
 
 Reads the launcher's environment: torchrun (RANK, WORLD_SIZE, LOCAL_RANK), the DeepSpeed
 launcher (the same variables plus a `--local_rank=N` argument, which the CLI copies into
@@ -83,20 +83,6 @@ def cleanup(info: DistInfo | None = None) -> None:
     caches its groups) built on it, so the caller can run train() again in the same processes."""
     if dist.is_initialized() and (info is None or info.created_group):
         dist.destroy_process_group()
-
-
-def average_gradients(model: torch.nn.Module, world_size: int) -> None:
-    """Replicated data parallelism: every rank ends with the mean gradient.
-
-    SUM then divide (gloo's AVG has an open correctness bug, pytorch issue 162338). This is
-    the one spot a sharded optimizer replaces with reduce-scatter.
-    """
-    if world_size == 1:
-        return
-    for param in model.parameters():
-        if param.grad is not None:
-            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-            param.grad.div_(world_size)
 
 
 def all_reduce_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:

@@ -2,19 +2,16 @@
 
     set up       distributed, seed, tokenizer, model, optimizer, learning-rate schedule, data
     resume       model, optimizer, schedule, data position, RNG state and step from a checkpoint
-    loop         gradient accumulation -> average over ranks -> clip -> optimizer step -> metrics
+    loop         gradient accumulation -> reduce over ranks, clip, optimizer step (the strategy) -> metrics
+                 (losses and gradient norm stay on the device; read every log.log_every steps, so the
+                 host waits for the device only at log, evaluation and checkpoint steps)
     evaluation   loss and perplexity on fixed validation batches: step 0, every eval_every, the end
-    checkpoints  every checkpoint.every steps, on SIGTERM / SIGUSR1 (then exit 0), at the end
+    checkpoints  every checkpoint.every steps, on SIGTERM / SIGUSR1 (then exit 0; with several ranks
+                 the signal is checked, collectively, every log_every steps), at the end
 
-How gradients become an update depends on the mode (`training_mode`), one branch each in the loop:
-
-    replicated   one process, or every rank a full optimizer: all-reduce gradients, clip, step
-    sharded      > 1 rank (train.sharded_optimizer): optim.sharded.ShardedOptimizer reduce-scatters the
-                 gradients, clips by the true global norm, each rank steps the whole matrices it owns
-                 and all-gathers the weights; its checkpoint is one shard per rank plus an index
-    deepspeed    train.deepspeed (--deepspeed DS.json): the DeepSpeed engine (ZeRO stage 0) averages
-                 the gradients and calls the same sharded optimizer, which clips and steps
-    per_layer    optim.per_layer (one rank): each weight is stepped in its gradient hook during backward
+How a step is distributed is the strategy's business (train.parallelism, pretrain/strategies/:
+single, replicate, zero, deepspeed): it wraps the model, builds the optimizer, runs backward and
+the reduce-clip-step, and says how the checkpoint holds the optimizer state. The loop names no mode.
 
 `train(cfg)` runs it in-process and returns a summary; `python -m pretrain` is the CLI.
 """
@@ -34,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import distributed
-from pretrain.checkpoint import CheckpointManager, locked_run_dir, rng_state, set_rng_state
+from pretrain.checkpoint import locked_run_dir, rng_state, set_rng_state
 from pretrain.config import RunConfig, config_to_dict, config_to_yaml, resolve_model_config
 from pretrain.memory import state_tensor_bytes
 from pretrain.metrics import MetricsLogger, Progress, peak_flops
@@ -44,7 +41,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends one of them befor
 
 
 class StopRequest:
-    """Remembers a SIGTERM / SIGUSR1; the loop checks it at each step boundary, saves and exits."""
+    """Remembers a SIGTERM / SIGUSR1; the loop checks it at a step boundary (every step with one process,
+    every log_every steps with several: the check is an all-reduce), saves and exits."""
 
     def __init__(self):
         self.signum = None
@@ -103,18 +101,6 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def training_mode(cfg: RunConfig, world_size: int) -> str:
-    """replicated | sharded | deepspeed | per_layer (module docstring); config checks already refused
-    the combinations that cannot work (per_layer with several ranks, accumulation or clipping)."""
-    if cfg.train.deepspeed:
-        return "deepspeed"
-    if getattr(cfg.optim, "per_layer", False):
-        return "per_layer"
-    if world_size > 1 and cfg.train.sharded_optimizer:
-        return "sharded"
-    return "replicated"
-
-
 def train(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (losses, steps, where the run and its last checkpoint are)."""
     dist = distributed.setup(cfg.train.device)
@@ -128,8 +114,7 @@ def train(cfg: RunConfig) -> dict:
 def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dict:
     from data.loader import build_tokenizer, build_train_loader, build_val_batches, describe_remap, remap_train_state
     from models.sizes import build_model, count_parameters, flops_per_token
-    from optim.factory import build_optimizer
-    from optim.sharded import build_sharded_optimizer
+    from pretrain.strategies import build_strategy
 
     tc, device, world = cfg.train, dist.device, dist.world_size
     run_dir, checkpoint_root = cfg.run_dir, cfg.run_dir / "checkpoints"
@@ -143,27 +128,11 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     config_yaml, model_config_dict = config_to_yaml(cfg), dataclasses.asdict(model_cfg)  # fixed for the run
     accum = tc.grad_accum_steps(world)
     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: the norm is still measured, not applied
-    mode = training_mode(cfg, world)
-    if mode == "per_layer":
-        from optim.per_layer import attach_per_layer_updates, check_per_layer_allowed
-
-        check_per_layer_allowed(accum, world, tc.grad_clip)  # load_config checked already; train(cfg) may skip it
+    strategy = build_strategy(cfg, dist)  # train.parallelism: single | replicate | zero | deepspeed
     # bfloat16: pure-bf16 weights and gradients (GaLore's 7B recipe); optimizer bases/state stay float32
     model = build_model(model_cfg).to(device, dtype=getattr(torch, tc.param_dtype))
-    engine, per_layer = None, None
-    if mode in ("sharded", "deepspeed"):  # state sharded by whole matrices; the engine averages gradients itself
-        optimizer = build_sharded_optimizer(model, cfg.optim, reduce_gradients=mode == "sharded")
-    else:
-        optimizer = build_optimizer(model, cfg.optim)
-    if mode == "deepspeed":
-        from pretrain import ds_engine
-
-        engine = ds_engine.initialize(model, optimizer, tc.deepspeed, micro_batch_size=tc.micro_batch_size,
-                                      grad_accum_steps=accum, gradient_clipping=tc.grad_clip,
-                                      tensorboard_dir=str(run_dir / "deepspeed"))
-    if mode == "per_layer":  # from here on backward steps the weights
-        per_layer = attach_per_layer_updates(model, optimizer)
-    forward = engine or model  # the engine's forward runs the model (and DeepSpeed's hooks)
+    optimizer = strategy.build_optimizer(model)
+    forward = strategy.wrap(model, optimizer)  # the model, DDP or the DeepSpeed engine; `model` stays plain
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     loader = build_train_loader(cfg.data, tokenizer, tc.micro_batch_size, rank=dist.rank, world_size=world)
     val_batches = build_val_batches(cfg.data, tokenizer, tc.micro_batch_size, tc.eval_batches,
@@ -176,10 +145,9 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     say(f"model {cfg.model.size}: {count_parameters(model_cfg) / 1e6:.2f}M parameters, vocab {model_cfg.vocab_size}, "
         f"context {model_cfg.max_seq_len} | optimizer {cfg.optim.name} lr {cfg.optim.lr:g} | "
         f"{world} rank(s) x {tc.micro_batch_size} sequences x {accum} accumulation = {tc.total_batch_size} "
-        f"sequences ({tokens_per_step} tokens) per step | {mode} | weights {tc.param_dtype} | device {device} | "
-        f"run dir {run_dir}", flush=True)
-    checkpoints = CheckpointManager(checkpoint_root, cfg.checkpoint.keep_last, rank=dist.rank, world_size=world,
-                                    sharded=mode in ("sharded", "deepspeed"), say=say)
+        f"sequences ({tokens_per_step} tokens) per step | {strategy.describe()} | weights {tc.param_dtype} | "
+        f"device {device} | run dir {run_dir}", flush=True)
+    checkpoints = strategy.checkpoint_manager(checkpoint_root, cfg.checkpoint.keep_last, say=say)
 
     def save(step: int) -> str:
         """Collective: every rank calls it (each writes its optimizer shard when sharded)."""
@@ -227,7 +195,51 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
                         mode=cfg.log.progress_bar)
     train_losses, evals, stopped_by, checksums = [], [], None, []
     last_saved, saved_step = None, None  # saved_step is the same on every rank (save() is collective)
-    started = time.perf_counter()
+    started = window_start = time.perf_counter()
+    pending = []  # this rank's loss of each step since the last log, left on the device until then
+    log_every = cfg.log.log_every
+
+    def stop_requested() -> bool:
+        """Collective with several ranks (every rank must see a signal that reached any of them: SLURM may
+        signal one task), so the loop asks at the same steps on every rank: every log_every steps."""
+        if world > 1:
+            signum = distributed.all_reduce_max(torch.tensor([float(stop.signum or 0)], device=device), world)
+            if signum.item() > 0 and stop.signum is None:
+                stop.signum = int(signum.item())
+        return stop.signum is not None
+
+    def log_metrics(step: int, lr: float, grad_norm: torch.Tensor) -> None:
+        """The one place the loop waits for the device between evaluations and checkpoints: the pending
+        losses (all-reduced together), and the scalars of `step`; speed is the mean since the last log.
+        Collective: every rank calls it at the same steps."""
+        nonlocal window_start
+        losses = distributed.all_reduce_sum(torch.stack(pending), world).tolist()
+        train_losses.extend(loss / world for loss in losses)
+        step_time = (time.perf_counter() - window_start) / len(pending)
+        scalars = {"train/loss": train_losses[-1], "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": tokens_per_step / step_time, "step_time": step_time}
+        scalars["model_tflops"] = model_flops_per_step / step_time / 1e12  # all ranks together
+        if peak is not None:
+            scalars["mfu"] = model_flops_per_step / step_time / (peak * world)
+        if device.type == "cuda":
+            scalars["peak_memory"] = torch.cuda.max_memory_allocated(device)  # since the last log
+            torch.cuda.reset_peak_memory_stats(device)
+        stats = optimizer.pop_subspace_stats() if hasattr(optimizer, "pop_subspace_stats") else None
+        if stats and stats.get("count", 1) > 0:  # low-rank optimizers: subspace movement since the last log
+            scalars.update({f"subspace/{k}": v for k, v in stats.items()})
+        metrics.log(step, scalars)
+        progress.update(step, f"loss {train_losses[-1]:.4f} | lr {lr:.2e} | grad norm {scalars['grad_norm']:.3f} | "
+                              f"{scalars['tokens_per_s']:.0f} tok/s")
+        pending.clear()
+        window_start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def off_the_clock():
+        """Evaluation and checkpoints do not count towards the logged step time."""
+        nonlocal window_start
+        paused = time.perf_counter()
+        yield
+        window_start += time.perf_counter() - paused
 
     def run_evaluation(step: int) -> None:
         if not val_batches:
@@ -251,14 +263,12 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
               "(fix the cause and resume with --resume auto)", file=sys.stderr, flush=True)
 
     if step == 0:
-        run_evaluation(0)
+        with off_the_clock():
+            run_evaluation(0)
     batches = iter(loader)
     while step < stop_at:
-        if world > 1:  # every rank must see a signal that reached any of them (SLURM may signal one task)
-            signum = distributed.all_reduce_max(torch.tensor([float(stop.signum or 0)], device=device), world)
-            if signum.item() > 0 and stop.signum is None:
-                stop.signum = int(signum.item())
-        if stop.signum is not None:
+        # A stop is honoured within log_every steps with several ranks, at the next step with one.
+        if (world == 1 or step % log_every == 0) and stop_requested():
             stopped_by = signal.Signals(stop.signum).name
             break
 
@@ -268,37 +278,21 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         boundary = loader.state_dict() if world == 1 else None  # the data position after the last step
         weights_moving = False
         try:
-            t0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             lr = optimizer.param_groups[0]["lr"]
             loss_sum = torch.zeros((), device=device)
-            for _ in range(accum):
+            for micro in range(accum):
                 batch = next(batches)
                 labels = batch["labels"].to(device, non_blocking=True)
-                with autocast():
-                    logits = forward(batch["input_ids"].to(device, non_blocking=True))
-                loss = lm_loss(logits, labels) / accum  # mean over the global batch once summed
-                weights_moving = weights_moving or mode in ("deepspeed", "per_layer")  # they step inside backward
-                if mode == "deepspeed":
-                    engine.backward(loss * accum)  # the engine divides by the accumulation steps itself
-                    engine.step()  # averages over ranks, then clips and steps at the accumulation boundary only
-                else:
-                    loss.backward()  # per_layer: every weight is stepped (and its gradient freed) in here
+                with strategy.accumulating(last=micro == accum - 1):  # DDP: no all-reduce before the last
+                    with autocast():
+                        logits = forward(batch["input_ids"].to(device, non_blocking=True))
+                    loss = lm_loss(logits, labels) / accum  # mean over the global batch once summed
+                    weights_moving = weights_moving or strategy.steps_in_backward  # per-layer hooks, DeepSpeed
+                    strategy.backward(loss)
                 loss_sum += loss.detach()
 
             weights_moving = True  # from here the optimizer changes weights and state
-            if mode == "replicated":
-                distributed.average_gradients(model, world)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-                optimizer.step()
-            elif mode == "sharded":
-                grad_norm = optimizer.clip_grad_norm_(max_norm)  # reduce-scatter, then the true global norm
-                optimizer.step()  # each rank its own matrices, then all-gather the weights
-            elif mode == "deepspeed":
-                grad_norm = engine.get_global_grad_norm()  # measured by the sharded optimizer in engine.step()
-            else:  # per_layer
-                grad_norm = per_layer.pop_grad_norm()  # unclipped (clipping is refused with per-layer updates)
+            grad_norm = strategy.step(max_norm)  # reduce over ranks, clip, step; the norm before clipping
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -308,29 +302,19 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
             raise
         if tc.replica_check_every and step % tc.replica_check_every == 0:
             checksums.append((step, distributed.check_replicas(model, world, step)))  # raises if ranks differ
+        pending.append(loss_sum)  # no .item(): the device runs ahead until the next log step
+        if step % log_every == 0 or step == stop_at:
+            log_metrics(step, lr, grad_norm)
 
-        train_loss = distributed.all_reduce_sum(loss_sum, world).item() / world
-        step_time = time.perf_counter() - t0
-        train_losses.append(train_loss)
-        scalars = {"train/loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_s": tokens_per_step / step_time, "step_time": step_time}
-        scalars["model_tflops"] = model_flops_per_step / step_time / 1e12  # all ranks together
-        if peak is not None:
-            scalars["mfu"] = model_flops_per_step / step_time / (peak * world)
-        if device.type == "cuda":
-            scalars["peak_memory"] = torch.cuda.max_memory_allocated(device)
-        stats = optimizer.pop_subspace_stats() if hasattr(optimizer, "pop_subspace_stats") else None
-        if stats and stats.get("count", 1) > 0:  # low-rank optimizers: subspace movement since the last step
-            scalars.update({f"subspace/{k}": v for k, v in stats.items()})
-        metrics.log(step, scalars)
-        progress.update(step, f"loss {train_loss:.4f} | lr {lr:.2e} | grad norm {scalars['grad_norm']:.3f} | "
-                              f"{scalars['tokens_per_s']:.0f} tok/s")
+        with off_the_clock():
+            if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
+                run_evaluation(step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                last_saved, saved_step = save(step), step
+                progress.write(f"step {step:>7d} | checkpoint {last_saved}")
 
-        if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
-            run_evaluation(step)
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            last_saved, saved_step = save(step), step
-            progress.write(f"step {step:>7d} | checkpoint {last_saved}")
+    if pending:  # stopped by a signal between log steps (one process): log the last step
+        log_metrics(step, lr, grad_norm)
 
     # ---------------------------------------------------------------- final checkpoint
     if stopped_by is None and step < tc.max_steps:
@@ -341,8 +325,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
             progress.write(f"step {step:>7d} | checkpoint {last_saved}" + (f" (stopped: {stopped_by})" if stopped_by else ""))
         else:  # nothing trained since the checkpoint we resumed from
             last_saved = str(resume_from)
-    if per_layer is not None:
-        per_layer.remove()
+    strategy.close()
     progress.close()
     metrics.close()
     return {
@@ -350,6 +333,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
         "stopped_by": stopped_by, "checkpoint": last_saved, "train_losses": train_losses, "evals": evals,
         "first_eval_loss": evals[0][1] if evals else None, "final_eval_loss": evals[-1][1] if evals else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
-        "wall_time_s": time.perf_counter() - started, "mode": mode, "weight_checksums": checksums,
+        "wall_time_s": time.perf_counter() - started, "mode": strategy.name, "strategy": strategy.describe(),
+        "weight_checksums": checksums,
         "optimizer_state_bytes": state_tensor_bytes(optimizer),  # this rank's
     }

@@ -113,8 +113,8 @@ def test_comm_bench_table_has_every_setup_with_ratios_to_ddp(comm_results):
              line.split()[0] in comm.SETUPS}
     assert set(lines) == set(comm.SETUPS), out
     # columns: setup sent-MB x step-ms x state-MB x; the first row is the baseline
-    assert lines["ddp+adamw"][2] == lines["ddp+adamw"][4] == lines["ddp+adamw"][6] == "1.00"
-    base = results["ddp+adamw"]
+    assert lines["replicate-adamw"][2] == lines["replicate-adamw"][4] == lines["replicate-adamw"][6] == "1.00"
+    base = results["replicate-adamw"]
     for setup, r in results.items():
         assert float(lines[setup][2]) == pytest.approx(r["sent_per_rank"] / base["sent_per_rank"], abs=0.006)
         assert float(lines[setup][6]) == pytest.approx(
@@ -124,16 +124,16 @@ def test_comm_bench_table_has_every_setup_with_ratios_to_ddp(comm_results):
 def test_comm_bench_sharded_state_is_half_of_ddp_per_rank(comm_results):
     data, _ = comm_results
     results = {r["setup"]: r for r in data["results"]}
-    params = results["ddp+adamw"]["params"]
-    ddp_state = results["ddp+adamw"]["state_bytes_per_rank"]
+    params = results["replicate-adamw"]["params"]
+    ddp_state = results["replicate-adamw"]["state_bytes_per_rank"]
     # every rank: two float32 moments per weight (plus a float32 step counter per tensor)
     assert ddp_state[0] == ddp_state[1] == pytest.approx(2 * 4 * params, rel=1e-3)
-    for setup in ("ddp+sharded-adamw", "sharded-adamw"):
+    for setup in ("ddp+sharded-adamw", "zero-adamw"):
         per_rank = results[setup]["state_bytes_per_rank"]
         assert sum(per_rank) == pytest.approx(ddp_state[0], rel=0.01)  # sharding keeps the total
         assert max(per_rank) == pytest.approx(ddp_state[0] / 2, rel=0.10)
-    low_rank = results["sharded-subtrack++"]["state_bytes_per_rank"]
-    assert max(low_rank) < max(results["sharded-adamw"]["state_bytes_per_rank"])
+    low_rank = results["zero-subtrack++"]["state_bytes_per_rank"]
+    assert max(low_rank) < max(results["zero-adamw"]["state_bytes_per_rank"])
 
 
 def test_comm_bench_bytes_match_ring_volumes(comm_results):
@@ -142,20 +142,20 @@ def test_comm_bench_bytes_match_ring_volumes(comm_results):
     plus a sharded step adds an all-gather (3x)."""
     data, _ = comm_results
     results = {r["setup"]: r for r in data["results"]}
-    grad_bytes = 4 * results["ddp+adamw"]["params"]
-    ddp = results["ddp+adamw"]["sent_per_rank_bytes"]
+    grad_bytes = 4 * results["replicate-adamw"]["params"]
+    ddp = results["replicate-adamw"]["sent_per_rank_bytes"]
     assert set(ddp) == {"all_reduce"}
     assert ddp["all_reduce"] == pytest.approx(2 * (2 - 1) / 2 * grad_bytes, rel=1e-3)
-    for setup in ("sharded-adamw", "sharded-subtrack++"):
+    for setup in ("zero-adamw", "zero-subtrack++"):
         sent = results[setup]["sent_per_rank_bytes"]
         assert sent["reduce_scatter"] == sent["all_gather"]
         assert sent["reduce_scatter"] + sent["all_gather"] == pytest.approx(ddp["all_reduce"], rel=0.01)
         # what all-reduce is left carries norms for clipping (a few floats), not the gradients
         assert sent.get("all_reduce", 0) <= 1e-3 * grad_bytes
     mixed = results["ddp+sharded-adamw"]
-    assert mixed["sent_per_rank"] == pytest.approx(1.5 * results["ddp+adamw"]["sent_per_rank"], rel=0.01)
+    assert mixed["sent_per_rank"] == pytest.approx(1.5 * results["replicate-adamw"]["sent_per_rank"], rel=0.01)
 
 
 def test_comm_bench_refuses_unknown_setup(capsys):
-    assert comm.main(["--setups", "ddp+adamw,zero3"]) == 2
+    assert comm.main(["--setups", "replicate-adamw,zero3"]) == 2
     assert "zero3" in capsys.readouterr().err

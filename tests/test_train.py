@@ -31,7 +31,7 @@ train:
   eval_every: 0
   eval_batches: 2
 log:
-  log_every: 5
+  log_every: 1
   tensorboard: false
 checkpoint:
   every: 0
@@ -300,9 +300,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def _collectives_job():
-    """On each of 2 gloo ranks: average_gradients and all_gather_objects on a tiny model, then the
-    replica check twice: identical weights, and after rank 1 moved one weight by one ulp (the
-    second check's RuntimeError message is returned, None if it did not raise)."""
+    """On each of 2 gloo ranks: all_gather_objects on a tiny model, then the replica check twice:
+    identical weights, and after rank 1 moved one weight by one ulp (the second check's
+    RuntimeError message is returned, None if it did not raise)."""
     import torch.distributed as dist
 
     from pretrain import distributed
@@ -310,11 +310,7 @@ def _collectives_job():
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    for param in model.parameters():
-        param.grad = torch.full_like(param, float(rank + 1))
-    distributed.average_gradients(model, world)
-    out = {"grads": [p.grad for p in model.parameters()],
-           "gathered": distributed.all_gather_objects({"rank": rank}, world),
+    out = {"gathered": distributed.all_gather_objects({"rank": rank}, world),
            "checksum": distributed.check_replicas(model, world, step=6), "mismatch": None}
     if rank == 1:
         with torch.no_grad():
@@ -333,9 +329,8 @@ def two_rank_collectives():
     return run_distributed(_collectives_job, 2)  # one spawn for the tests below
 
 
-def test_average_gradients_gives_every_rank_the_mean(two_rank_collectives):
+def test_all_gather_objects_gives_every_rank_every_object(two_rank_collectives):
     for out in two_rank_collectives:
-        assert all(torch.equal(g, torch.full_like(g, 1.5)) for g in out["grads"])  # (1 + 2) / 2
         assert out["gathered"] == [{"rank": 0}, {"rank": 1}]
 
 
@@ -416,6 +411,32 @@ def test_subtrack_run_logs_subspace_movement_at_the_update_steps(tmp_path):
         assert r["subspace/angle_max"] > 0 and 0 < r["subspace/angle_mean"] <= r["subspace/angle_max"]
 
 
+def test_metrics_are_read_only_at_log_steps_and_train_losses_stay_complete(tmp_path):
+    """log.log_every=4 over 7 steps: metrics at step 4 and the last (7), each with the values of its
+    step; the subspaces move at steps 3, 5 and 7 (update_interval 2), so step 7's record sums the
+    movement of steps 5 and 7; summary["train_losses"] still has every step, equal to the
+    log_every=1 run's."""
+    from models.sizes import SIZES
+
+    runs = {}
+    for every in (1, 4):
+        run_dir = tmp_path / str(every)
+        cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "optim.name=subtrack++", "optim.rank=8",
+                                                  "optim.update_interval=2", "train.max_steps=7",
+                                                  "train.eval_batches=0", f"log.log_every={every}"], world_size=1)
+        runs[every] = (train(cfg), read_metrics(run_dir))
+    (every_step, per_step), (summary, records) = runs[1], runs[4]
+    assert summary["train_losses"] == every_step["train_losses"] and len(summary["train_losses"]) == 7
+    logged = {r["step"]: r for r in records if "train/loss" in r}
+    assert sorted(logged) == [4, 7]
+    by_step = {r["step"]: r for r in per_step if "train/loss" in r}
+    for step, r in logged.items():
+        assert r["train/loss"] == by_step[step]["train/loss"] and r["grad_norm"] == by_step[step]["grad_norm"]
+    moved = {r["step"]: r["subspace/count"] for r in records if "subspace/count" in r}
+    projected = 7 * SIZES["nano"].num_layers
+    assert moved == {4: projected, 7: 2 * projected}
+
+
 def test_bfloat16_weights_train_with_float32_optimizer_state(tmp_path):
     """train.param_dtype=bfloat16: weights and gradients in bf16 (GaLore's 7B setting), SubTrack++
     bases and low-rank moments of the projected weights in float32; the loss still falls (CPU has
@@ -448,7 +469,8 @@ def test_per_layer_updates_train_exactly_like_the_normal_step(tmp_path):
                                                   f"optim.per_layer={str(per_layer).lower()}", *PER_LAYER_RUN],
                           world_size=1)
         runs[per_layer] = train(cfg)
-    assert runs[True]["mode"] == "per_layer" and runs[False]["mode"] == "replicated"
+    assert runs[True]["mode"] == runs[False]["mode"] == "single"  # per-layer updates are an option of single
+    assert "per-layer" in runs[True]["strategy"] and "per-layer" not in runs[False]["strategy"]
     assert runs[True]["train_losses"] == runs[False]["train_losses"]
     a = load_checkpoint(runs[True]["checkpoint"])
     b = load_checkpoint(runs[False]["checkpoint"])

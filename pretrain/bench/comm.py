@@ -1,12 +1,14 @@
-"""Bytes moved and step time per step on N gloo ranks: DDP+AdamW vs the sharded optimizer.
+"""Bytes moved and step time per step on N gloo ranks: the replicate (DDP) and zero strategies.
 
     python -m pretrain.bench comm [--model 20m] [--world-size 2] [--steps 5] ...
 
-Setups, each on the same model and random batches:
-  ddp+adamw             DDP all-reduces gradients, every rank steps full AdamW state
+Setups, each on the same model and random batches; the strategies' rows run the training loop's
+own strategy objects (pretrain/strategies/: wrap, backward, step with clipping at 1.0):
+  replicate-adamw       train.parallelism=replicate: DDP all-reduces gradients, every rank steps full AdamW
   ddp+sharded-adamw     DDP all-reduce, ShardedOptimizer steps its shard and all-gathers (3x model bytes)
-  sharded-adamw         ShardedOptimizer reduce-scatters gradients and all-gathers weights (ZeRO-2: 2x)
-  sharded-subtrack++    the same with SubTrack++ as the inner optimizer
+  zero-adamw            train.parallelism=zero: ShardedOptimizer reduce-scatters gradients and all-gathers
+                        weights (ZeRO-2: 2x)
+  zero-subtrack++       the same with SubTrack++ as the inner optimizer
 
 Bytes are counted at the collectives (DDP through a comm hook, the sharded optimizer through its
 `comm_bytes`: the size S of each flat buffer, padding included) and reported as what each rank
@@ -21,7 +23,7 @@ import sys
 import tempfile
 import time
 
-SETUPS = ("ddp+adamw", "ddp+sharded-adamw", "sharded-adamw", "sharded-subtrack++")
+SETUPS = ("replicate-adamw", "ddp+sharded-adamw", "zero-adamw", "zero-subtrack++")
 
 
 def parse_args(argv):
@@ -52,33 +54,39 @@ def _run_setup(setup, args, rank, world):
     import torch.distributed as dist
     import torch.nn.functional as F
 
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
     from models.sizes import build_model
-    from optim.factory import OptimConfig, build_optimizer
-    from optim.sharded import build_sharded_optimizer
+    from optim.factory import OptimConfig
     from optim.nbytes import tensor_bytes
+    from optim.sharded import build_sharded_optimizer
+    from pretrain.config import RunConfig, TrainConfig
+    from pretrain.distributed import DistInfo
     from pretrain.memory import state_tensor_bytes
+    from pretrain.strategies import STRATEGIES, Zero
 
     torch.manual_seed(0)
     model = build_model(args.model, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
     name = "subtrack++" if setup.endswith("subtrack++") else "adamw"
-    cfg = OptimConfig(name=name, rank=args.rank, update_interval=args.update_interval)
+    cfg = RunConfig(optim=OptimConfig(name=name, rank=args.rank, update_interval=args.update_interval),
+                    train=TrainConfig(micro_batch_size=args.batch_size, total_batch_size=args.batch_size * world))
+    info = DistInfo(rank, world, rank, torch.device("cpu"))
+    if setup == "ddp+sharded-adamw":  # no strategy of the loop: DDP averages, then zero's clip and sharded step
+        strategy = Zero(cfg, info)
+        strategy.model, strategy.optimizer = model, build_sharded_optimizer(model, cfg.optim, reduce_gradients=False)
+        opt, forward = strategy.optimizer, DistributedDataParallel(model)
+    else:
+        strategy = STRATEGIES[setup.split("-")[0]](cfg, info)
+        opt = strategy.build_optimizer(model)
+        forward = strategy.wrap(model, opt)
     counted = {"all_reduce": 0}
-    forward = model
-    if setup.startswith("ddp"):
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
+    if isinstance(forward, DistributedDataParallel):
         def counting_hook(state, bucket):
             counted["all_reduce"] += tensor_bytes(bucket.buffer())
             return allreduce_hook(state, bucket)
 
-        forward = torch.nn.parallel.DistributedDataParallel(model)
         forward.register_comm_hook(None, counting_hook)
-    if setup == "ddp+adamw":
-        opt = build_optimizer(model, cfg)
-        clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # noqa: E731
-    else:
-        opt = build_sharded_optimizer(model, cfg, reduce_gradients=not setup.startswith("ddp"))
-        clip = lambda: opt.clip_grad_norm_(1.0)  # noqa: E731
 
     def moved():  # bytes handed to collectives so far, by kind (DDP's hook + the sharded optimizer)
         out = dict(getattr(opt, "comm_bytes", {}))
@@ -92,10 +100,10 @@ def _run_setup(setup, args, rank, world):
         before = moved()
         dist.barrier()
         start = time.perf_counter()
-        logits = forward(tokens[:, :-1])
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).backward()
-        clip()
-        opt.step()
+        with strategy.accumulating(last=True):
+            logits = forward(tokens[:, :-1])
+            strategy.backward(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)))
+        strategy.step(1.0)  # reduce, clip at 1.0, step
         opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         after = moved()
