@@ -155,22 +155,28 @@ def rank_k_step(S: torch.Tensor, G: torch.Tensor, k: int, step_size: float | str
     stays orthonormal, and the rows of S'^T G along different v_i are separate:
         ||S'^T G||^2 = const + sum_i ||cos(theta_i) a_i - sin(theta_i) b_i||^2,  a_i = G^T S v_i, b_i = G^T u_i,
     so each theta_i has its own closed-form best angle (`best_angle`'s formula) and `capped_angle`
-    applies per direction. Cost O(m n k + m r^2); no SVD of G. Directions whose singular value is
-    below 1e-6 of the largest do not move. Returns (S', the angle of largest magnitude as 0-d).
+    applies per direction. Cost O(m n k + m r^2); no SVD of G. k is at most min(r, m - r) (the
+    directions orthogonal to S). Directions whose squared singular value is below 1e-5 of the largest,
+    or whose singular value is below 1e-5 ||G||^2, do not move: float32's eigenvalues of T^T T are
+    only accurate to ~eps x the largest, and T itself to ~eps ||G||^2, so their u_i would be noise. Returns (S', the angle of largest magnitude as 0-d).
     """
+    m, r = S.shape
+    k = min(k, r, m - r)
     T = tangent(S, G)
     evals, vecs = torch.linalg.eigh(T.t() @ T)  # ascending
-    V = vecs[:, -k:].flip(1)
-    sigma = evals[-k:].flip(0).clamp_min(0.0).sqrt()
-    tiny = torch.finfo(T.dtype).tiny
-    U = T @ V / sigma.clamp_min(tiny)
+    if k < 1:  # no direction orthogonal to S is left (r = m)
+        return S.clone(), torch.zeros((), dtype=S.dtype, device=S.device)
+    V, top = vecs[:, -k:].flip(1), evals[-k:].flip(0)
+    sigma = top.clamp_min(0.0).sqrt()
+    # ||T|| <= 2 ||G||^2, and float32 rounding leaves ~eps ||G||^2 of it when G lies inside span S
+    moves = (top > 1e-5 * top[0]) & (sigma > 1e-5 * (G * G).sum())
+    U = (T @ V) * torch.where(moves, 1.0 / sigma, torch.zeros_like(sigma))  # still directions: zero columns
     U = U - S @ (S.t() @ U)  # re-orthogonalise against S and among themselves: S' stays orthonormal
     U, upper = torch.linalg.qr(U)
     U = U * torch.where(torch.diagonal(upper) < 0, -1.0, 1.0)  # keep each u_i's direction (Q of QR has a sign)
     a, b = G.t() @ (S @ V), G.t() @ U  # (n, k) each: columns a_i, b_i
-    theta_star = 0.5 * torch.atan2(-(a * b).sum(0), 0.5 * ((a * a).sum(0) - (b * b).sum(0)))
-    theta = capped_angle(theta_star, sigma, step_size, damping)
-    theta = torch.where(sigma > 1e-6 * sigma[0].clamp_min(tiny), theta, torch.zeros_like(theta))
+    theta_star = 0.5 * torch.atan2(-(a * b).sum(0), 0.5 * ((a * a).sum(0) - (b * b).sum(0)))  # best_angle's, per i
+    theta = torch.where(moves, capped_angle(theta_star, sigma, step_size, damping), torch.zeros_like(sigma))
     if max_angle is not None:
         theta = theta.clamp(-max_angle, max_angle)
     S_new = S + ((S @ V) * (torch.cos(theta) - 1.0) - U * torch.sin(theta)) @ V.t()
@@ -190,7 +196,7 @@ def grassmann_update(basis: torch.Tensor, G: torch.Tensor, side: str, step_size:
     """
     S, Gl = _as_left(basis, side), (G if side == LEFT else G.t())
     if geodesic_rank > 1:
-        S_new, theta = rank_k_step(S, Gl, min(geodesic_rank, S.shape[1]), step_size, damping, max_angle)
+        S_new, theta = rank_k_step(S, Gl, geodesic_rank, step_size, damping, max_angle)
         return column_major(S_new if side == LEFT else S_new.t()), theta
     u, sigma, v = top_singular_triplet(tangent(S, Gl))
     # Re-orthogonalise u against S: keeps S' orthonormal over thousands of steps.

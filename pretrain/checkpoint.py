@@ -128,9 +128,23 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict, mo
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, step, keep_last)
     return final
+
+
+def prune(root: Path, step: int, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints up to `step`, the one just written among them.
+
+    Checkpoints newer than `step` come from a trajectory this run abandoned (it resumed from an
+    older checkpoint, or fell back past a damaged one): they are renamed `abandoned-step_*`, kept
+    on disk but never picked by `--resume auto`, rather than deleted or resumed from later.
+    """
+    checkpoints = list_checkpoints(root)
+    for newer in [c for c in checkpoints if int(STEP_DIR.match(c.name).group(1)) > step]:
+        os.replace(newer, newer.with_name(f"abandoned-{newer.name}"))
+    current = [c for c in checkpoints if int(STEP_DIR.match(c.name).group(1)) <= step]
+    for old in current[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write(path: Path, obj) -> None:
@@ -298,7 +312,7 @@ class CheckpointManager:
             if self.rank == 0:
                 failure = self._attempt(tmp, prepare_staging, self.root, step)
             self._barrier()  # the staging directory exists before anyone writes into it
-            shard = tmp / "optimizer" / f"rank{self.rank:05d}.pt"  # the file this rank's save_sharded writes
+            shard = tmp / "optimizer" / shard_file(self.rank)  # the file this rank's save_sharded writes
             failure = failure or self._attempt(shard, optimizer.save_sharded, str(shard.parent))
             if failure is not None:
                 self._barrier()  # the barrier that ends save_sharded, which this rank did not reach
@@ -398,9 +412,12 @@ class CheckpointManager:
         return state["trainer"], how
 
 
-# Settings a resume cannot change: they decide the shapes and meaning of the saved tensors.
-FIXED_ON_RESUME = ("model.size", "data.tokenizer", "optim.name", "optim.rank", "optim.proj_type", "optim.state_bits",
-                   "optim.subspace", "optim.moments", "optim.residual")
+# Settings a resume cannot change: they decide the shapes and meaning of the saved tensors (the
+# optimizer's state, its basis dtype, the accumulated-gradient buffers) or of the saved data
+# position (which files, how lines become sequences, how many streams per rank).
+FIXED_ON_RESUME = ("model.size", "data.tokenizer", "data.source", "data.seq_len", "data.packing", "data.num_workers",
+                   "train.micro_batch_size", "optim.name", "optim.rank", "optim.state_bits", "optim.basis_dtype",
+                   "optim.accumulate", "optim.subspace", "optim.moments", "optim.residual")
 MODEL_FREE = ("activation_checkpointing", "init_std")  # model fields that change no weight on resume
 NOT_COMPARED = ("name", "checkpoint.resume", "log.run_dir")
 IGNORED_ON_RESUME = {"train.seed": "ignored: the checkpoint's RNG state continues"}
@@ -437,17 +454,27 @@ def config_changes(saved: dict, new: dict, saved_model: dict, new_model: dict) -
 
 
 def _try_lock(run_dir: Path) -> tuple[int | None, str | None]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    """(fd, None) with the lock held, or (None, why not): never raises, so the other ranks, waiting
+    for rank 0's answer in a collective, always get one."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        return None, f"cannot create the lock file {run_dir / '.lock'}: {e.strerror or e}"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as e:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
+        if not isinstance(e, BlockingIOError):
+            return None, f"cannot lock {run_dir / '.lock'}: {e.strerror or e} (does this filesystem support flock?)"
         return None, (f"run dir {run_dir} is in use by {holder}; wait for that job to end, or pass another "
                       "--set log.run_dir=...")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    try:  # who holds it, for the message a second job prints; best effort (the lock is what counts)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    except OSError:
+        pass
     return fd, None
 
 

@@ -59,9 +59,23 @@ def test_keep_last_k_deletes_oldest_checkpoints(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000004", "step_00000005"]
 
 
+def test_save_after_a_rollback_keeps_the_new_checkpoint_and_sets_the_abandoned_newer_ones_aside(tmp_path):
+    """Resumed from step 100 while 200 exists (--resume PATH, or a fallback past a damaged 200): saving
+    150 with keep_last=1 must keep 150, and 200 must never be resumed from again, yet stays on disk."""
+    for step in (100, 200):
+        _save(tmp_path, step, keep_last=3)
+    _save(tmp_path, 150, keep_last=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000150"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000150"
+    assert (tmp_path / "abandoned-step_00000200" / "model.pt").is_file()
+
+
 def test_latest_is_by_step_number_not_name_order_or_time(tmp_path):
+    import os
+
+    _save(tmp_path, 99)
     _save(tmp_path, 100)
-    _save(tmp_path, 99)  # written later, but an earlier step
+    os.utime(tmp_path / "step_00000099")  # touched later, but an earlier step
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000100"
     assert ckpt.latest_checkpoint(tmp_path / "missing") is None
 
@@ -273,6 +287,15 @@ def test_config_changes_refuses_shape_and_method_and_lets_schedule_settings_chan
         other = json.loads(json.dumps(saved))
         other[section][key] = value
         assert ckpt.config_changes(saved, other, {}, {})[0][0][0] == f"{section}.{key}"
+    # Settings behind the saved optimizer tensors and the saved data position are fixed too.
+    for section, key, value in [("optim", "accumulate", True), ("optim", "basis_dtype", "bfloat16"),
+                                ("data", "seq_len", 64), ("data", "source", "/other/c4"),
+                                ("train", "micro_batch_size", 2)]:
+        before, after = json.loads(json.dumps(saved)), json.loads(json.dumps(saved))
+        before[section][key] = {"accumulate": False, "basis_dtype": "float32", "seq_len": 32, "source": "sample",
+                                "micro_batch_size": 4}[key]
+        after[section][key] = value
+        assert ckpt.config_changes(before, after, {}, {})[0][0][0] == f"{section}.{key}"
     fixed, _ = ckpt.config_changes(saved, saved, {"hidden_size": 64}, {"hidden_size": 128})
     assert fixed == [("model.hidden_size", 64, 128)]
 
@@ -305,6 +328,17 @@ def test_run_dir_lock_names_the_holder_and_is_released_when_the_holder_is_killed
         assert (tmp_path / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
     with ckpt.locked_run_dir(tmp_path):  # released at the end of the block
         pass
+
+
+def test_a_run_dir_that_cannot_hold_a_lock_is_one_message_not_an_exception(tmp_path):
+    """An OSError on rank 0 (the run dir under a regular file, a full disk) must become the message every
+    rank raises, never an exception that leaves the other ranks waiting in the collective."""
+    (tmp_path / "file").write_text("x")
+    fd, problem = ckpt._try_lock(tmp_path / "file" / "run")
+    assert fd is None and "cannot create the lock file" in problem
+    with pytest.raises(ckpt.RunDirLocked, match="cannot create the lock file"):
+        with ckpt.locked_run_dir(tmp_path / "file" / "run"):
+            pass
 
 
 def test_metrics_after_the_resumed_step_are_dropped_from_jsonl(tmp_path):

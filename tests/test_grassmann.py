@@ -377,6 +377,24 @@ def test_rank_k_step_moves_each_direction_to_its_own_best_angle_and_stays_orthon
     assert torch.allclose(S_k1, S_1, atol=1e-10) and float(theta_k1) == pytest.approx(float(theta_1), abs=1e-10)
 
 
+def test_rank_k_step_degenerate_tangents_stay_orthonormal_and_finite():
+    """A tangent of rank below k (G of rank 2 against r = 6), a zero tangent (G inside span S), and
+    k above m - r (no room orthogonal to S): no direction is invented, nothing is NaN."""
+    g = torch.Generator().manual_seed(16)
+    m, n, r = 10, 30, 6
+    S = orthonormal(m, r, g)
+    low = torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g) * 1e3
+    inside = S @ torch.randn(r, n, generator=g)
+    for G in (low, inside):
+        S_new, theta = gm.rank_k_step(S, G, r, "auto")
+        assert torch.isfinite(S_new).all() and torch.isfinite(theta)
+        assert torch.linalg.norm(S_new.T @ S_new - torch.eye(r)) < 1e-4
+        assert gm.estimation_error(S_new, G, "left") <= gm.estimation_error(S, G, "left") * (1 + 1e-5) + 1e-3
+    assert torch.equal(gm.rank_k_step(S, inside, r, "auto")[0], S)  # nothing to gain, nothing moves
+    full = orthonormal(m, m, g)
+    assert torch.equal(gm.rank_k_step(full, low, m, "auto")[0], full)  # r = m: no room to move
+
+
 def _svd_top(T):
     """Top triplet of T by torch.linalg.svd (float32, thin), and the relative gap (s1 - s2) / s1."""
     U, s, Vh = torch.linalg.svd(T, full_matrices=False)
