@@ -40,11 +40,11 @@ MANIFEST_FILE = "manifest.json"
 VERSION = 4  # bump when the corpus or tokenizer recipe changes: caches of other versions rebuild
 # C4 lines carry a crawl timestamp; ours is fixed so the shards are byte-identical across builds.
 TIMESTAMP = "2019-04-25T12:00:00Z"
-# Stdlib packages that are tests, demos, GUIs or vendored code rather than documentation.
 # Documents are shuffled once, with this seed, when the corpus is built: read in source order the
 # stream moves from the language reference to one library area after another, and every
 # optimizer's eval loss rose at step 200 as the topic changed.
 SHUFFLE_SEED = 0
+# Stdlib packages that are tests, demos, GUIs or vendored code rather than documentation.
 SKIP = {"idlelib", "test", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data", "this",
         "antigravity"}
 

@@ -16,7 +16,8 @@ class MetricsLogger:
     enabled, writes the same scalars to TensorBoard event files in <run_dir>/tensorboard/.
 
     `resume_step`: the run resumed from that step's checkpoint, so the records of later steps (logged
-    by the run that went on past it) are dropped from both, and the resumed run's records replace them.
+    by the run that went on past it) are dropped from both, and the resumed run's records replace them;
+    -1: a resume was asked for but found no checkpoint, so the run starts over and drops them all.
 
     On ranks other than 0 (`enabled=False`) every method does nothing.
     """

@@ -190,7 +190,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
 
     # ---------------------------------------------------------------- loop
     metrics = MetricsLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.log.tensorboard,
-                            resume_step=step if resume_from is not None else None)
+                            # resume asked for but nothing to resume from: a fresh start drops what a crashed attempt logged
+                            resume_step=step if resume_from is not None else (-1 if cfg.checkpoint.resume else None))
     progress = Progress(total=tc.max_steps, initial=step, log_every=cfg.log.log_every, enabled=dist.is_main,
                         mode=cfg.log.progress_bar)
     train_losses, evals, stopped_by, checksums = [], [], None, []

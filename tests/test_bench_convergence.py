@@ -39,6 +39,12 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path, argv, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_a_diverged_lr_is_never_the_best():
+    runs = [convergence.Run(convergence.Method.parse("galore"), lr, 0, None, {"final_eval_loss": loss})
+            for lr, loss in ((1e-2, float("nan")), (5e-3, 4.9), (2e-3, 5.1))]
+    assert convergence.best_runs(runs, runs[0].method)[0] == 5e-3
+
+
 def test_plot_is_optional(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert convergence.plot([], tmp_path / "curves.png", "t") is False

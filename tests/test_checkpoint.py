@@ -355,6 +355,9 @@ def test_metrics_after_the_resumed_step_are_dropped_from_jsonl(tmp_path):
     logger.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["train/loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    # A resume that found no checkpoint (a crash before the first save) starts over: nothing is kept.
+    MetricsLogger(tmp_path, tensorboard=False, resume_step=-1).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def _full_disk_on_rank_1_job(root):

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,7 +133,9 @@ def execute(args, run: Run, threads: int) -> Run:
         if saved.get("bench_overrides") == overrides:
             run.summary = saved
             return run
-    run.directory.mkdir(parents=True, exist_ok=True)
+    if run.directory.exists():  # a stale run of the same name would add its records to this one's curves
+        shutil.rmtree(run.directory)
+    run.directory.mkdir(parents=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "pretrain", "--config", args.config, "--summary-json", str(summary_path),
            "--set", *overrides]
@@ -151,13 +155,18 @@ def mean(values):
     return statistics.fmean(values) if values else float("nan")
 
 
+def finite_or_inf(value: float) -> float:
+    """A diverged run's loss (NaN) ranks last, not wherever NaN comparisons leave it."""
+    return value if math.isfinite(value) else math.inf
+
+
 def best_runs(runs: list[Run], method: Method) -> tuple[float, list[Run]]:
     """(best lr, its runs over the seeds): lowest mean final eval loss."""
     by_lr: dict[float, list[Run]] = {}
     for run in runs:
         if run.method.label == method.label:
             by_lr.setdefault(run.lr, []).append(run)
-    lr = min(by_lr, key=lambda x: mean([r.summary["final_eval_loss"] for r in by_lr[x]]))
+    lr = min(by_lr, key=lambda x: finite_or_inf(mean([r.summary["final_eval_loss"] for r in by_lr[x]])))
     return lr, by_lr[lr]
 
 
@@ -179,7 +188,7 @@ def summarise(methods: list[Method], runs: list[Run]) -> list[dict]:
             "lr_grid": {k: mean(v) for k, v in grid.items()},
             "curve": mean_curve(chosen),
         })
-    adamw = [row["final_eval_loss"] for row in rows if row["preset"] == "adamw"]
+    adamw = [finite_or_inf(row["final_eval_loss"]) for row in rows if row["preset"] == "adamw"]
     for row in rows:
         gap = row["final_eval_loss"] - min(adamw) if adamw else None
         row["gap_to_adamw"] = gap
@@ -228,8 +237,9 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     for row in rows:
         steps, losses = zip(*row["curve"])
         ax.plot(steps, losses, marker=".", label=f"{row['method']} (lr {row['best_lr']:g}): {row['final_eval_loss']:.3f}")
-    finals = [row["final_eval_loss"] for row in rows]
-    ax.set_ylim(min(finals) - 0.3, min(finals) + 2.5)
+    finals = [row["final_eval_loss"] for row in rows if math.isfinite(row["final_eval_loss"])]
+    if finals:
+        ax.set_ylim(min(finals) - 0.3, min(finals) + 2.5)
     ax.set_xlabel("step")
     ax.set_ylabel("eval loss")
     ax.set_title(title)
