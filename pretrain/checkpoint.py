@@ -414,10 +414,12 @@ class CheckpointManager:
 
 # Settings a resume cannot change: they decide the shapes and meaning of the saved tensors (the
 # optimizer's state, its basis dtype, the accumulated-gradient buffers) or of the saved data
-# position (which files, how lines become sequences, how many streams per rank).
-FIXED_ON_RESUME = ("model.size", "data.tokenizer", "data.source", "data.seq_len", "data.packing", "data.num_workers",
-                   "train.micro_batch_size", "optim.name", "optim.rank", "optim.state_bits", "optim.basis_dtype",
-                   "optim.accumulate", "optim.subspace", "optim.moments", "optim.residual")
+# position (which files, how lines become sequences). The micro batch and loader workers may change
+# with the world size (checkpoint.allow_world_size_change); at the same world size the loader itself
+# refuses a position saved with another layout.
+FIXED_ON_RESUME = ("model.size", "data.tokenizer", "data.source", "data.seq_len", "data.packing", "optim.name",
+                   "optim.rank", "optim.state_bits", "optim.basis_dtype", "optim.accumulate", "optim.subspace",
+                   "optim.moments", "optim.residual")
 MODEL_FREE = ("activation_checkpointing", "init_std")  # model fields that change no weight on resume
 NOT_COMPARED = ("name", "checkpoint.resume", "log.run_dir")
 IGNORED_ON_RESUME = {"train.seed": "ignored: the checkpoint's RNG state continues"}

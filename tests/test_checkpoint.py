@@ -289,11 +289,9 @@ def test_config_changes_refuses_shape_and_method_and_lets_schedule_settings_chan
         assert ckpt.config_changes(saved, other, {}, {})[0][0][0] == f"{section}.{key}"
     # Settings behind the saved optimizer tensors and the saved data position are fixed too.
     for section, key, value in [("optim", "accumulate", True), ("optim", "basis_dtype", "bfloat16"),
-                                ("data", "seq_len", 64), ("data", "source", "/other/c4"),
-                                ("train", "micro_batch_size", 2)]:
+                                ("data", "seq_len", 64), ("data", "source", "/other/c4")]:
         before, after = json.loads(json.dumps(saved)), json.loads(json.dumps(saved))
-        before[section][key] = {"accumulate": False, "basis_dtype": "float32", "seq_len": 32, "source": "sample",
-                                "micro_batch_size": 4}[key]
+        before[section][key] = {"accumulate": False, "basis_dtype": "float32", "seq_len": 32, "source": "sample"}[key]
         after[section][key] = value
         assert ckpt.config_changes(before, after, {}, {})[0][0][0] == f"{section}.{key}"
     fixed, _ = ckpt.config_changes(saved, saved, {"hidden_size": 64}, {"hidden_size": 128})
