@@ -126,7 +126,13 @@ def best_angle(S: torch.Tensor, G: torch.Tensor, u: torch.Tensor, v: torch.Tenso
     """
     a = G.t() @ (S @ v)
     b = G.t() @ u
-    return 0.5 * torch.atan2(-(a @ b), 0.5 * (a @ a - b @ b))
+    return sinusoid_peak(a @ b, a @ a, b @ b)
+
+
+def sinusoid_peak(ab: torch.Tensor, aa: torch.Tensor, bb: torch.Tensor) -> torch.Tensor:
+    """The theta in (-pi/2, pi/2] maximising ||cos(theta) a - sin(theta) b||^2, from a.b, |a|^2, |b|^2
+    (element-wise: one angle per direction of a rank-k step)."""
+    return 0.5 * torch.atan2(-ab, 0.5 * (aa - bb))
 
 
 def capped_angle(theta_star: torch.Tensor, sigma: torch.Tensor, step_size: float | str,
@@ -175,7 +181,7 @@ def rank_k_step(S: torch.Tensor, G: torch.Tensor, k: int, step_size: float | str
     U, upper = torch.linalg.qr(U)
     U = U * torch.where(torch.diagonal(upper) < 0, -1.0, 1.0)  # keep each u_i's direction (Q of QR has a sign)
     a, b = G.t() @ (S @ V), G.t() @ U  # (n, k) each: columns a_i, b_i
-    theta_star = 0.5 * torch.atan2(-(a * b).sum(0), 0.5 * ((a * a).sum(0) - (b * b).sum(0)))  # best_angle's, per i
+    theta_star = sinusoid_peak((a * b).sum(0), (a * a).sum(0), (b * b).sum(0))
     theta = torch.where(moves, capped_angle(theta_star, sigma, step_size, damping), torch.zeros_like(sigma))
     if max_angle is not None:
         theta = theta.clamp(-max_angle, max_angle)
