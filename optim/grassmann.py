@@ -8,6 +8,17 @@ as an orthonormal basis on one side:
 
 Every right-side function is the left-side one on transposes (S = P^T, G -> G^T), so the
 math is written once, for the left case, and the right case is checked by tests.
+
+Sums over shards. Under FSDP2 a weight is sharded by rows and keeps a right-side basis P, so
+everything is row-local except a few sums over rows (columns of G^T in the left notation). The
+functions that need such sums are written once as generators (`*_steps`): they yield a tuple of
+partial sums and receive the totals, e.g.
+
+    GAt, AAt = yield (G @ A.t(), A @ A.t())      # summed over the shards of G's reduced axis
+
+`run_local(gen)` runs one with nothing to sum over (one process, or a whole matrix: what
+`grassmann_update` and `recovered_update` do), and `run_summed(gens, all_reduce)` runs many in
+lockstep with one all-reduce per round for all of them (optim/sharding/fsdp.py).
 """
 from __future__ import annotations
 
@@ -80,7 +91,12 @@ def tangent(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     of G's size instead of three.
     """
     A = S.t() @ G
-    T = -2.0 * (G @ A.t() - S @ (A @ A.t()))
+    return tangent_from_sums(S, G @ A.t(), A @ A.t())
+
+
+def tangent_from_sums(S: torch.Tensor, GAt: torch.Tensor, AAt: torch.Tensor) -> torch.Tensor:
+    """`tangent` from the two sums over G's columns it needs: G A^T: (m, r) and A A^T: (r, r)."""
+    T = -2.0 * (GAt - S @ AAt)
     return T - S @ (S.t() @ T)
 
 
@@ -166,23 +182,45 @@ def rank_k_step(S: torch.Tensor, G: torch.Tensor, k: int, step_size: float | str
     or whose singular value is below 1e-5 ||G||^2, do not move: float32's eigenvalues of T^T T are
     only accurate to ~eps x the largest, and T itself to ~eps ||G||^2, so their u_i would be noise. Returns (S', the angle of largest magnitude as 0-d).
     """
+    return run_local(_geodesic_steps(S, G, k, step_size, damping, max_angle, rank_one=False))
+
+
+def _geodesic_steps(S: torch.Tensor, G: torch.Tensor, k: int, step_size: float | str, damping: float,
+                    max_angle: float | None, rank_one: bool):
+    """The left-case geodesic update (rank_one: the paper's step along the top singular triplet; else
+    `rank_k_step`) as a generator yielding its sums over G's columns (module docstring). Returns (S', theta)."""
+    A = S.t() @ G
+    sums = (G @ A.t(), A @ A.t()) + (() if rank_one else ((G * G).sum(),))
+    GAt, AAt, *GG = yield sums
+    T = tangent_from_sums(S, GAt, AAt)
+    if rank_one:
+        u, sigma, v = top_singular_triplet(T)
+        # Re-orthogonalise u against S: keeps S' orthonormal over thousands of steps.
+        u = u - S @ (S.t() @ u)
+        u = u / u.norm().clamp_min(torch.finfo(u.dtype).tiny)
+        a, b = G.t() @ (S @ v), G.t() @ u
+        ab, aa, bb = yield (a @ b, a @ a, b @ b)
+        theta = capped_angle(sinusoid_peak(ab, aa, bb), sigma, step_size, damping)
+        if max_angle is not None:
+            theta = theta.clamp(-max_angle, max_angle)
+        return geodesic_step(S, u, v, theta), theta
     m, r = S.shape
     k = min(k, r, m - r)
-    T = tangent(S, G)
     evals, vecs = torch.linalg.eigh(T.t() @ T)  # ascending
     if k < 1:  # no direction orthogonal to S is left (r = m)
         return S.clone(), torch.zeros((), dtype=S.dtype, device=S.device)
     V, top = vecs[:, -k:].flip(1), evals[-k:].flip(0)
     sigma = top.clamp_min(0.0).sqrt()
     # ||T|| <= 2 ||G||^2, and float32 rounding leaves ~eps ||G||^2 of it when G lies inside span S
-    moves = (top > 1e-5 * top[0]) & (sigma > 1e-5 * (G * G).sum())
+    moves = (top > 1e-5 * top[0]) & (sigma > 1e-5 * GG[0])
     U = (T @ V) * torch.where(moves, 1.0 / sigma, torch.zeros_like(sigma))  # still directions: zero columns
     U = U - S @ (S.t() @ U)  # re-orthogonalise against S and among themselves: S' stays orthonormal
     U, upper = torch.linalg.qr(U)
     U = U * torch.where(torch.diagonal(upper) < 0, -1.0, 1.0)  # keep each u_i's direction (Q of QR has a sign)
     a, b = G.t() @ (S @ V), G.t() @ U  # (n, k) each: columns a_i, b_i
-    theta_star = sinusoid_peak((a * b).sum(0), (a * a).sum(0), (b * b).sum(0))
-    theta = torch.where(moves, capped_angle(theta_star, sigma, step_size, damping), torch.zeros_like(sigma))
+    ab, aa, bb = yield ((a * b).sum(0), (a * a).sum(0), (b * b).sum(0))
+    theta = torch.where(moves, capped_angle(sinusoid_peak(ab, aa, bb), sigma, step_size, damping),
+                        torch.zeros_like(sigma))
     if max_angle is not None:
         theta = theta.clamp(-max_angle, max_angle)
     S_new = S + ((S @ V) * (torch.cos(theta) - 1.0) - U * torch.sin(theta)) @ V.t()
@@ -200,18 +238,16 @@ def grassmann_update(basis: torch.Tensor, G: torch.Tensor, side: str, step_size:
     moves along its top min(k, r) directions at once (`rank_k_step`). Returns (new basis of the
     same shape, theta as a 0-d tensor: the largest angle moved). No SVD of G.
     """
+    return run_local(grassmann_update_steps(basis, G, side, step_size, damping, max_angle, geodesic_rank))
+
+
+def grassmann_update_steps(basis: torch.Tensor, G: torch.Tensor, side: str, step_size: float | str,
+                           damping: float = 1.0, max_angle: float | None = None, geodesic_rank: int = 1):
+    """`grassmann_update` as a generator of sums (module docstring): two rounds, both sums over the
+    axis the basis does not span (G's rows for a right basis P), so G may be a row shard."""
     S, Gl = _as_left(basis, side), (G if side == LEFT else G.t())
-    if geodesic_rank > 1:
-        S_new, theta = rank_k_step(S, Gl, geodesic_rank, step_size, damping, max_angle)
-        return column_major(S_new if side == LEFT else S_new.t()), theta
-    u, sigma, v = top_singular_triplet(tangent(S, Gl))
-    # Re-orthogonalise u against S: keeps S' orthonormal over thousands of steps.
-    u = u - S @ (S.t() @ u)
-    u = u / u.norm().clamp_min(torch.finfo(u.dtype).tiny)
-    theta = capped_angle(best_angle(S, Gl, u, v), sigma, step_size, damping)
-    if max_angle is not None:
-        theta = theta.clamp(-max_angle, max_angle)
-    S_new = geodesic_step(S, u, v, theta)
+    S_new, theta = yield from _geodesic_steps(S, Gl, int(geodesic_rank), step_size, damping, max_angle,
+                                              rank_one=int(geodesic_rank) == 1)
     return column_major(S_new if side == LEFT else S_new.t()), theta
 
 
@@ -307,11 +343,21 @@ def recovered_update(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, basis: t
         ||term||^2 = ||G * phi||^2 - (2 b - b^2) ||R * phi||^2.
     Returns (update: (m, n), limited norm to store). b = back_scale.
     """
+    return run_local(recovered_update_steps(G, R, N, basis, side, scale, back_scale, prev_norm, gamma,
+                                            recovery_weight))
+
+
+def recovered_update_steps(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, basis: torch.Tensor, side: str,
+                           scale: float, back_scale: float, prev_norm: torch.Tensor, gamma: float = 1.01,
+                           recovery_weight: float = 1.0):
+    """`recovered_update` as a generator of sums: phi is per column (left) / row (right), so only the
+    term's squared norm is a sum over the shards (one round: the norm-growth limiter's)."""
     dim = 0 if side == LEFT else 1
     phi = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + RECOVERY_EPS)
     R_phi = R * phi
     G_phi_sq = (G.norm(dim=dim, keepdim=True).square() * phi.square()).sum()
-    norm = (G_phi_sq - (2.0 * back_scale - back_scale ** 2) * R_phi.square().sum()).clamp_min(0.0).sqrt()
+    (sq,) = yield (torch.stack([G_phi_sq, R_phi.square().sum()]),)
+    norm = (sq[0] - (2.0 * back_scale - back_scale ** 2) * sq[1]).clamp_min(0.0).sqrt()
     factor = (norm / (prev_norm + RECOVERY_EPS)).clamp_min(gamma) / gamma
     factor = torch.where(prev_norm < 0, torch.ones_like(factor), factor)
     applied = factor if recovery_weight == 1.0 else factor / recovery_weight  # the limiter's and w's division
@@ -319,3 +365,45 @@ def recovered_update(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, basis: t
     G_part = G * (phi / applied)
     update = torch.addmm(G_part, basis, low) if side == LEFT else torch.addmm(G_part, low, basis)
     return update, norm / factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the generators of sums
+# ---------------------------------------------------------------------------------------------
+
+def run_local(steps):
+    """Run a generator of sums (module docstring) whose partial sums are already the totals; its return value."""
+    reply = None
+    try:
+        while True:
+            reply = steps.send(reply)
+    except StopIteration as done:
+        return done.value
+
+
+def run_summed(generators, all_reduce=None) -> list:
+    """Run generators of sums in lockstep; returns their return values in order.
+
+    Each round, every generator still running yields a tuple of partial sums; all of them are
+    flattened into one buffer, `all_reduce(buffer)` sums it in place across the shards (one
+    collective per round, whatever the number of generators), and each generator receives its
+    totals in the shapes it yielded. all_reduce None: nothing to sum over (every partial sum is a total).
+    Every process must run the same generators in the same order: their rounds and shapes must match.
+    """
+    results, live = [None] * len(generators), [(i, g, None) for i, g in enumerate(generators)]
+    while live:
+        asked = []
+        for i, steps, reply in live:
+            try:
+                asked.append((i, steps, steps.send(reply)))
+            except StopIteration as done:
+                results[i] = done.value
+        if all_reduce is not None and asked:
+            parts = [t for _, _, sums in asked for t in sums]
+            buffer = torch.cat([t.reshape(-1) for t in parts])
+            all_reduce(buffer)
+            totals = iter(buffer.split([t.numel() for t in parts]))
+            asked = [(i, steps, tuple(next(totals).view(t.shape).to(t.dtype) for t in sums))
+                     for i, steps, sums in asked]
+        live = asked
+    return results

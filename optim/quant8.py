@@ -104,13 +104,15 @@ def pack_into(packed: dict[str, torch.Tensor], x: torch.Tensor, signed: bool) ->
 # Moments in an optimizer state dict (flat keys, tensors only)
 # ---------------------------------------------------------------------------------------------
 
-def init_moment(state: dict, key: str, shape, device, state_bits: int) -> None:
+def init_moment(state: dict, key: str, shape, device, state_bits: int, full_shape=None) -> None:
     """Zero moment of `shape` at state[key] (+ state[key + "_absmax"] when stored in 8 bits).
 
-    Zero codes with zero absmax dequantize to exactly 0, as bitsandbytes initialises its state.
+    full_shape: the whole moment's shape when `shape` is one shard of it (default: `shape`); it decides
+    8 bits or 32, so every shard of a moment is stored alike. Zero codes with zero absmax dequantize to
+    exactly 0, as bitsandbytes initialises its state.
     """
     shape = torch.Size(shape)
-    if use_8bit(shape.numel(), state_bits):
+    if use_8bit(torch.Size(shape if full_shape is None else full_shape).numel(), state_bits):
         state[key] = torch.zeros(shape, dtype=torch.uint8, device=device)
         state[key + ABSMAX_SUFFIX] = torch.zeros(num_blocks(shape.numel()), dtype=torch.float32, device=device)
     else:

@@ -46,6 +46,10 @@ are dequantized, updated (and rotated at a subspace move) in float32 and quantiz
 step; plain groups use bitsandbytes' fused 8-bit AdamW (its weight decay comes before the update).
 The basis keeps its basis_dtype. Codes and absmax are saved and loaded as they are.
 
+Sharded weights: the math reads weights and gradients through `_local` and sums what crosses shards
+with `_all_reduce` (the generators of sums of optim/grassmann.py, run in lockstep by `step()`); here
+both are trivial. optim/sharding/fsdp.py overrides them for FSDP2's row shards.
+
 Every subspace update's angle is logged with the weight's name (the group's `names`) at DEBUG
 level on this module's logger; `pop_subspace_stats()` sums them up for the training log.
 """
@@ -70,6 +74,17 @@ class SubTrackAdamW(torch.optim.Optimizer):
     Works on any subset of a model's parameters (a sharded wrapper gives each rank its own).
     `pop_subspace_stats()` returns and clears the subspace movement since the last call.
     """
+
+    _all_reduce = None  # sums partial sums across shards in place (None: every weight is whole here)
+
+    @staticmethod
+    def _local(t: torch.Tensor) -> torch.Tensor:
+        """The part of a weight or gradient this process holds and updates: all of it here."""
+        return t
+
+    def _full(self, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """The whole (m, n) matrix of which `local` is p's part (an SVD needs it): `local` itself here."""
+        return local
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, state_bits: int = 32):
@@ -113,26 +128,28 @@ class SubTrackAdamW(torch.optim.Optimizer):
             return
         count = lambda: torch.zeros((), dtype=torch.int64)  # noqa: E731 - host-side counters
         state["step"] = count()
+        local = self._local(p)
         if "rank" not in group:
             if group["state_bits"] == 8:  # bitsandbytes' blockwise 8-bit AdamW state (float32 below 4096 elements)
-                quant8.init_moment(state, "exp_avg", p.shape, p.device, 8)
-                quant8.init_moment(state, "exp_avg_sq", p.shape, p.device, 8)
+                quant8.init_moment(state, "exp_avg", local.shape, p.device, 8, p.shape)
+                quant8.init_moment(state, "exp_avg_sq", local.shape, p.device, 8, p.shape)
                 return
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(local, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(local, memory_format=torch.preserve_format)
             return
         m, n, r = p.shape[0], p.shape[1], group["rank"]
+        rows = self._local(p).shape[0]  # m, or this process's rows of a sharded weight
         side = gm.projection_side((m, n), group["proj_type"])
-        low = (r, n) if side == gm.LEFT else (m, r)
+        low, full_low = ((r, n), (r, n)) if side == gm.LEFT else ((rows, r), (m, r))
         # float32 whatever the weight dtype (float64 weights keep float64 state, for references).
         f32 = {"dtype": torch.promote_types(p.dtype, torch.float32), "device": p.device}
         basis_dtype = torch.bfloat16 if group["basis_dtype"] == "bfloat16" else f32["dtype"]
         state["moment_step"] = count()
         state["basis"] = gm.column_major(torch.zeros((m, r) if side == gm.LEFT else (r, n), dtype=basis_dtype,
                                                      device=p.device))
-        if group["state_bits"] == 8:
-            quant8.init_moment(state, "exp_avg", low, p.device, 8)
-            quant8.init_moment(state, "exp_avg_sq", low, p.device, 8)
+        if group["state_bits"] == 8:  # 8 bits or not by the whole moment's size, so every shard decides alike
+            quant8.init_moment(state, "exp_avg", low, p.device, 8, full_low)
+            quant8.init_moment(state, "exp_avg_sq", low, p.device, 8, full_low)
         else:
             state["exp_avg"] = torch.zeros(low, **f32)
             state["exp_avg_sq"] = torch.zeros(low, **f32)
@@ -140,7 +157,7 @@ class SubTrackAdamW(torch.optim.Optimizer):
         state["subspace_updates"] = count()
         state["angle"] = torch.zeros((), **f32)
         if group["accumulate"]:
-            state["grad_sum"] = torch.zeros((m, n), **f32)
+            state["grad_sum"] = torch.zeros((rows, n), **f32)
             state["grad_count"] = count()
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -192,9 +209,9 @@ class SubTrackAdamW(torch.optim.Optimizer):
             state["moment_step"].zero_()
         self._store_basis(state, new_basis)
 
-    def _update_subspace(self, p: torch.Tensor, state: dict, group: dict, G: torch.Tensor, side: str, t: int
-                         ) -> None:
-        """Compute the first basis (t = 0) or move it (every update_proj_gap steps)."""
+    def _update_subspace(self, p: torch.Tensor, state: dict, group: dict, G: torch.Tensor, side: str, t: int):
+        """Compute the first basis (t = 0) or move it (every update_proj_gap steps). A generator of sums
+        (optim/grassmann.py): a geodesic step sums over G's unprojected axis; an SVD reads the whole G."""
         if group["accumulate"]:
             state["grad_sum"].add_(G)
             state["grad_count"].add_(1)
@@ -202,17 +219,17 @@ class SubTrackAdamW(torch.optim.Optimizer):
         if not first and t % group["update_proj_gap"] != 0:
             return
         if first:
-            self._store_basis(state, gm.initial_basis(G, group["rank"], side))
+            self._store_basis(state, gm.initial_basis(self._full(p, G), group["rank"], side))
         else:
             G_sub = state["grad_sum"] / int(state["grad_count"]) if group["accumulate"] else G
             basis = self._basis(state)
             if group["subspace"] == "svd":
-                new_basis = gm.initial_basis(G_sub, group["rank"], side)
+                new_basis = gm.initial_basis(self._full(p, G_sub), group["rank"], side)
                 angle = gm.largest_principal_angle(basis, new_basis, side)
             else:
-                new_basis, angle = gm.grassmann_update(basis, G_sub, side, group["step_size"],
-                                                       group["auto_damping"], group["max_angle"],
-                                                       int(group["geodesic_rank"]))
+                new_basis, angle = yield from gm.grassmann_update_steps(
+                    basis, G_sub, side, group["step_size"], group["auto_damping"], group["max_angle"],
+                    int(group["geodesic_rank"]))
             self.move_basis(state, group, new_basis, side)
             state["angle"] = angle.detach().to(state["angle"].dtype).reshape(())
             self._angles.append(state["angle"].abs())
@@ -245,10 +262,10 @@ class SubTrackAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._step_one(p, group)
+        # One generator per weight, run in lockstep: what crosses shards is summed in one collective
+        # per round for all weights (a normal step: the limiter's norms; a subspace update: two more).
+        gm.run_summed([self._step_one(p, group) for group in self.param_groups for p in group["params"]
+                       if p.grad is not None], self._all_reduce)
         return loss
 
     @torch.no_grad()
@@ -257,7 +274,7 @@ class SubTrackAdamW(torch.optim.Optimizer):
         `step()` would step it; no-op when p.grad is None. For per-layer updates
         (optim/per_layer.py), which call it from p's post-accumulate-grad hook."""
         if p.grad is not None:
-            self._step_one(p, self._group_of(p))
+            gm.run_local(self._step_one(p, self._group_of(p)))
 
     def _group_of(self, p: torch.Tensor) -> dict:
         # Index of p's group, rebuilt when the list of groups changes (torch's load_state_dict
@@ -273,23 +290,25 @@ class SubTrackAdamW(torch.optim.Optimizer):
             raise KeyError(f"a tensor of shape {tuple(p.shape)} is not in this optimizer's param groups")
         return groups[index]
 
-    def _step_one(self, p: torch.Tensor, group: dict) -> None:
+    def _step_one(self, p: torch.Tensor, group: dict):
+        """Step p (its local part) in place: a generator of sums (a projected weight's subspace and limiter)."""
         if p.grad.is_sparse:
             raise RuntimeError("SubTrackAdamW does not support sparse gradients")
+        weight, grad = self._local(p), self._local(p.grad)
         if "rank" not in group and group["state_bits"] == 8:
             # bitsandbytes' AdamW8bit update: fused 8-bit, or its 32-bit kernel below 4096
             # elements (its weight decay comes before the update)
-            quant8.adamw_step(p, p.grad, self.state[p], group["lr"], group["betas"], group["eps"],
+            quant8.adamw_step(weight, grad, self.state[p], group["lr"], group["betas"], group["eps"],
                               group["weight_decay"])
             return
         if "rank" in group:
-            update, step_size = self._projected_update(p, group)
+            update, step_size = yield from self._projected_update(p, grad, group)
         else:
-            update, step_size = self._plain_update(p, group)
-        p.add_(update, alpha=-step_size)
+            update, step_size = self._plain_update(p, grad, group)
+        weight.add_(update, alpha=-step_size)
         # Decoupled weight decay after the update, as galore-torch and fira do.
         if group["weight_decay"] > 0.0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            weight.add_(weight, alpha=-group["lr"] * group["weight_decay"])
 
     @staticmethod
     def _adam_step_size(group: dict, step: int) -> float:
@@ -304,17 +323,18 @@ class SubTrackAdamW(torch.optim.Optimizer):
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         return exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
 
-    def _plain_update(self, p: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
+    def _plain_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
         state = self.state[p]
         state["step"].add_(1)
-        update = self._adam_direction(state["exp_avg"], state["exp_avg_sq"], p.grad, group)
+        update = self._adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group)
         return update, self._adam_step_size(group, int(state["step"]))
 
-    def _projected_update(self, p: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
+    def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict):
+        """(update, step size) of a projected weight; a generator of sums (optim/grassmann.py)."""
         state = self.state[p]
         side = gm.projection_side(tuple(p.shape), group["proj_type"])
-        G = p.grad.to(state["angle"].dtype)  # the math dtype: float32 (float64 for float64 weights)
-        self._update_subspace(p, state, group, G, side, int(state["step"]))
+        G = grad.to(state["angle"].dtype)  # the math dtype: float32 (float64 for float64 weights)
+        yield from self._update_subspace(p, state, group, G, side, int(state["step"]))
         basis = self._basis(state)
         R = gm.project(G, basis, side)
 
@@ -327,8 +347,8 @@ class SubTrackAdamW(torch.optim.Optimizer):
         if group["residual"] == "recover":
             back_scale = group["scale"] if group["recovery_scaled_back"] else 1.0
             weight = group["scale"] if group["scale_recovery"] else 1.0
-            update, state["limiter_norm"] = gm.recovered_update(G, R, N, basis, side, group["scale"], back_scale,
-                                                                state["limiter_norm"], group["limiter"], weight)
+            update, state["limiter_norm"] = yield from gm.recovered_update_steps(
+                G, R, N, basis, side, group["scale"], back_scale, state["limiter_norm"], group["limiter"], weight)
         else:
             update = gm.project_back(N, basis, side) * group["scale"]
         return update.to(p.dtype), self._adam_step_size(group, int(state["moment_step"]))
