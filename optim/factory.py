@@ -153,25 +153,27 @@ def param_groups(model: nn.Module, rank: int | None = None,
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer `cfg` names, over `model`'s trainable parameters (every group has `names`)."""
-    choices = cfg.choices()
-    if choices is None and cfg.state_bits == 8:
-        from optim.subtrack import SubTrackAdamW  # no projected group: bitsandbytes' 8-bit AdamW on every weight
+def build_optimizer(model: nn.Module, cfg: OptimConfig, optimizer_class=None) -> torch.optim.Optimizer:
+    """The optimizer `cfg` names, over `model`'s trainable parameters (every group has `names`).
 
-        return SubTrackAdamW(param_groups(model), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, state_bits=8)
+    optimizer_class: SubTrackAdamW or a subclass (optim/sharding/fsdp.py's, for FSDP2's row shards); plain
+    32-bit AdamW is torch's own either way."""
+    from optim.subtrack import SubTrackAdamW
+
+    optimizer_class = optimizer_class or SubTrackAdamW
+    choices = cfg.choices()
+    if choices is None and cfg.state_bits == 8:  # no projected group: bitsandbytes' 8-bit AdamW on every weight
+        return optimizer_class(param_groups(model), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                               weight_decay=cfg.weight_decay, state_bits=8)
     if choices is None:
         # AdamW keeps extra group keys such as `names` untouched.
         return torch.optim.AdamW(param_groups(model), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                  weight_decay=cfg.weight_decay)
-    from optim.subtrack import SubTrackAdamW
-
     for key in ("rank", "update_interval"):
         if getattr(cfg, key) is None:
             raise ValueError(f"optim.{key} is not set and model size has no paper default; set optim.{key} "
                              f"(optimizer {cfg.name!r} projects gradients and needs it)")
     groups = param_groups(model, rank=cfg.rank, update_interval=cfg.update_interval, scale=cfg.scale,
                           **cfg.group_options())
-    return SubTrackAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                         state_bits=cfg.state_bits)
+    return optimizer_class(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                           state_bits=cfg.state_bits)
