@@ -9,14 +9,19 @@ def tensor_bytes(obj, distinct_storages: bool = False) -> int:
 
     distinct_storages=False: numel * element_size of each tensor (what a collective or a
     checkpoint moves; works on meta tensors). True: each distinct storage once, whole (what
-    memory holds: views and repeated tensors count once).
+    memory holds: views and repeated tensors count once). A DTensor counts the part this
+    process holds (its local tensor).
     """
+    from torch.distributed.tensor import DTensor
+
     storages: dict[int, int] = {}
     total = 0
     stack = [obj]
     while stack:
         item = stack.pop()
-        if torch.is_tensor(item):
+        if isinstance(item, DTensor):
+            stack.append(item.to_local())
+        elif torch.is_tensor(item):
             if distinct_storages:
                 storage = item.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()

@@ -1,4 +1,4 @@
-"""Bytes moved and step time per step on N gloo ranks: the replicate (DDP) and zero strategies.
+"""Bytes moved and step time per step on N gloo ranks: the replicate (DDP), zero and fsdp strategies.
 
     python -m pretrain.bench comm [--model 20m] [--world-size 2] [--steps 5] ...
 
@@ -9,13 +9,21 @@ own strategy objects (pretrain/strategies/: wrap, backward, step with clipping a
   zero-adamw            train.parallelism=zero: ShardedOptimizer reduce-scatters gradients and all-gathers
                         weights (ZeRO-2: 2x)
   zero-subtrack++       the same with SubTrack++ as the inner optimizer
+  fsdp-adamw            train.parallelism=fsdp: FSDP2 all-gathers each block's weights for forward and again
+                        for backward, reduce-scatters its gradients; torch AdamW steps the row shards
+  fsdp-subtrack++       the same with SubTrack++ on the row shards (proj_type right; the limiter's all-reduce)
+
+The last column is what each rank holds of weights + gradients + optimizer state (after the step,
+before zero_grad): FSDP divides all three by N, the others only the state.
 
 Bytes are counted at the collectives (DDP through a comm hook, the sharded optimizer through its
-`comm_bytes`: the size S of each flat buffer, padding included) and reported as what each rank
+`comm_bytes`, FSDP2 and the row-sharded optimizer at torch.distributed's all_gather_single /
+reduce_scatter_single / all_reduce: the size S of each flat buffer, padding included) and reported as what each rank
 sends under the usual ring algorithms (all-reduce 2(N-1)/N x S; reduce-scatter and all-gather
 (N-1)/N x S of the full buffer), the figure that sets the time on a bandwidth-bound network.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -23,7 +31,7 @@ import sys
 import tempfile
 import time
 
-SETUPS = ("replicate-adamw", "ddp+sharded-adamw", "zero-adamw", "zero-subtrack++")
+SETUPS = ("replicate-adamw", "ddp+sharded-adamw", "zero-adamw", "zero-subtrack++", "fsdp-adamw", "fsdp-subtrack++")
 
 
 def parse_args(argv):
@@ -49,6 +57,38 @@ def _ring_sent(kind: str, payload: int, world: int) -> float:
     return payload * (2 if kind == "all_reduce" else 1) * (world - 1) / world
 
 
+@contextlib.contextmanager
+def counting_collectives(counted: dict):
+    """Add to counted[kind] the full-buffer bytes of each collective called through torch.distributed's
+    module functions (how FSDP2 and the row-sharded optimizer call them; DDP and the whole-matrix sharded
+    optimizer are counted by their own hooks, outside this)."""
+    import torch.distributed as dist
+
+    from optim.nbytes import tensor_bytes
+
+    # name -> (kind, position and keyword of the full-size buffer)
+    watched = {"all_gather_single": ("all_gather", 0, "output_tensor"),
+               "reduce_scatter_single": ("reduce_scatter", 1, "input"), "all_reduce": ("all_reduce", 0, "tensor")}
+    originals = {name: getattr(dist, name) for name in watched}
+
+    def counting(name):
+        kind, position, keyword = watched[name]
+
+        def call(*args, **kwargs):
+            buffer = kwargs[keyword] if keyword in kwargs else args[position]
+            counted[kind] = counted.get(kind, 0) + tensor_bytes(buffer)
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in watched:
+        setattr(dist, name, counting(name))
+    try:
+        yield counted
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
 def _run_setup(setup, args, rank, world):
     import torch
     import torch.distributed as dist
@@ -69,7 +109,8 @@ def _run_setup(setup, args, rank, world):
     torch.manual_seed(0)
     model = build_model(args.model, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
     name = "subtrack++" if setup.endswith("subtrack++") else "adamw"
-    cfg = RunConfig(optim=OptimConfig(name=name, rank=args.rank, update_interval=args.update_interval),
+    side = {"proj_type": "right"} if setup.startswith("fsdp") else {}  # fsdp's row shards need the right side
+    cfg = RunConfig(optim=OptimConfig(name=name, rank=args.rank, update_interval=args.update_interval, **side),
                     train=TrainConfig(micro_batch_size=args.batch_size, total_batch_size=args.batch_size * world))
     info = DistInfo(rank, world, rank, torch.device("cpu"))
     if setup == "ddp+sharded-adamw":  # no strategy of the loop: DDP averages, then zero's clip and sharded step
@@ -88,9 +129,10 @@ def _run_setup(setup, args, rank, world):
 
         forward.register_comm_hook(None, counting_hook)
 
-    def moved():  # bytes handed to collectives so far, by kind (DDP's hook + the sharded optimizer)
+    def moved():  # bytes handed to collectives so far, by kind (DDP's hook + the sharded optimizer + FSDP2)
         out = dict(getattr(opt, "comm_bytes", {}))
-        out["all_reduce"] = out.get("all_reduce", 0) + counted["all_reduce"]
+        for kind, nbytes in counted.items():
+            out[kind] = out.get(kind, 0) + nbytes
         return out
 
     gen = torch.Generator().manual_seed(rank)
@@ -100,10 +142,12 @@ def _run_setup(setup, args, rank, world):
         before = moved()
         dist.barrier()
         start = time.perf_counter()
-        with strategy.accumulating(last=True):
-            logits = forward(tokens[:, :-1])
-            strategy.backward(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)))
-        strategy.step(1.0)  # reduce, clip at 1.0, step
+        with counting_collectives(counted) if setup.startswith("fsdp") else contextlib.nullcontext():
+            with strategy.accumulating(last=True):
+                logits = forward(tokens[:, :-1])
+                strategy.backward(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)))
+            strategy.step(1.0)  # reduce, clip at 1.0, step
+        held = tensor_bytes([(p, p.grad) for p in model.parameters()])  # a DTensor counts its local shard
         opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         after = moved()
@@ -121,6 +165,7 @@ def _run_setup(setup, args, rank, world):
         "sent_per_rank": sum(_ring_sent(k, v, world) for k, v in per_kind.items()),
         "step_s": statistics.median(times),
         "state_bytes": state,
+        "held_bytes": held + state,  # weights + gradients + optimizer state on this rank
     }
 
 
@@ -134,9 +179,10 @@ def _rank_main(rank, world, port, args, out_path):
     try:
         results = [_run_setup(s, args, rank, world) for s in args.setups.split(",")]
         states = [None] * world
-        dist.all_gather_object(states, [r["state_bytes"] for r in results])
+        dist.all_gather_object(states, [(r["state_bytes"], r["held_bytes"]) for r in results])
         for i, r in enumerate(results):
-            r["state_bytes_per_rank"] = [s[i] for s in states]
+            r["state_bytes_per_rank"] = [s[i][0] for s in states]
+            r["held_bytes_per_rank"] = [s[i][1] for s in states]
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(results, f)
@@ -159,13 +205,14 @@ def format_table(results, args) -> str:
              f"{args.world_size} ranks (gloo, CPU, 1 thread each), {args.batch_size} x {args.seq_len} tokens per rank, "
              f"median of {args.steps} steps after {args.warmup} warm-up",
              f"{'setup':22s} {'sent/rank MB/step':>18s} {'x':>6s} {'step ms':>9s} {'x':>6s} "
-             f"{'opt state MB/rank':>18s} {'x':>6s}"]
+             f"{'opt state MB/rank':>18s} {'x':>6s} {'w+g+state MB/rank':>18s} {'x':>6s}"]
     for r in results:
-        state = max(r["state_bytes_per_rank"])
+        state, held = max(r["state_bytes_per_rank"]), max(r["held_bytes_per_rank"])
         lines.append(f"{r['setup']:22s} {r['sent_per_rank'] * mb:18.1f} "
                      f"{r['sent_per_rank'] / base['sent_per_rank']:6.2f} {r['step_s'] * 1e3:9.0f} "
                      f"{r['step_s'] / base['step_s']:6.2f} {state * mb:18.1f} "
-                     f"{state / max(base['state_bytes_per_rank']):6.2f}")
+                     f"{state / max(base['state_bytes_per_rank']):6.2f} {held * mb:18.1f} "
+                     f"{held / max(base['held_bytes_per_rank']):6.2f}")
     lines.append("x: ratio to the first row. sent/rank by collective (MB): " + "; ".join(
         f"{r['setup']}: " + ", ".join(f"{k} {v * mb:.2f}" for k, v in r["sent_per_rank_bytes"].items())
         for r in results))
