@@ -48,6 +48,24 @@ Assumptions, each a line of the breakdown:
   step temporaries land on the backward's points instead. Steps that compute an SVD (every
   update interval for GaLore, the first step for SubTrack++) add its workspace for one weight
   at a time; that spike is not modelled.
+
+FSDP2 over N processes (``shards=N``; ``torch.distributed.fsdp.fully_shard`` on every block and
+on the root, optim/sharding/fsdp.py), figures per process:
+
+- weights, gradients: each weight keeps ceil(m / N) of its m rows (FSDP2 pads dim 0 to a
+  multiple of N, so that is every process's shard, the largest one exactly when N divides m).
+- optimizer state: AdamW moments and low-rank moments are rows of the weight, (ceil(m / N), ...)
+  and (ceil(m / N), r); 8 bits or not by the whole moment's size, blocks packed within the shard.
+  Every projected weight uses the right side (FSDP requires optim.proj_type right): basis
+  P (r, n) and the counters whole on every process (replicated, not divided).
+- all-gathered: the unsharded weights of the block being computed and of the prefetched next
+  one (2 blocks' full weights, ``gathered_weights``) at every forward/backward point, and one
+  block's full gradient before its reduce-scatter (``gathered_gradient``) at the backward points.
+  Activations (and the logits' tensors) are not sharded. Not modelled: the root group's
+  (embedding, final norm, head) unsharded weights, which FSDP2 keeps from forward into backward
+  (b (2 V d + d) more at the head's backward); the all-gather / reduce-scatter buffers beyond
+  those copies; autocast's cache is counted whole (copies of unsharded weights). Per-layer
+  updates are single-process (optim/per_layer.py) and refused with shards > 1.
 """
 from __future__ import annotations
 
@@ -58,6 +76,7 @@ import torch
 
 from models.llama import LlamaConfig
 from models.sizes import build_model, get_config
+from optim import grassmann as gm
 from optim import quant8
 from optim.factory import PRESETS, is_projected
 from optim.nbytes import tensor_bytes
@@ -81,6 +100,10 @@ class Weight:
         for s in self.shape:
             n *= s
         return n
+
+    def shard(self, shards: int) -> "Weight":
+        """One process's rows under FSDP2 over `shards` processes: ceil(m / shards) of m (padded shard)."""
+        return Weight(self.name, (-(-self.shape[0] // shards), *self.shape[1:]), self.projected)
 
 
 def dtype_bytes(dtype) -> int:
@@ -109,29 +132,46 @@ def _moment_bytes(numel: int, state_bits: int, bytes_32: int) -> int:
     return quant8.packed_nbytes(numel) if quant8.use_8bit(numel, state_bits) else bytes_32 * numel
 
 
+def _sharded_moment_bytes(numel: int, local_numel: int, state_bits: int, bytes_32: int) -> int:
+    """One moment of a whole `numel` elements of which this process holds `local_numel`: 8 bits
+    or not by the whole size (every shard decides alike, optim/subtrack.py), packed locally."""
+    return quant8.packed_nbytes(local_numel) if quant8.use_8bit(numel, state_bits) else bytes_32 * local_numel
+
+
 def state_bytes(w: Weight, optim_name: str, rank: int | None, state_bits: int, weight_bytes: int,
-                basis_bytes: int = 4) -> dict[str, int]:
+                basis_bytes: int = 4, proj_type: str = "std", shards: int = 1) -> dict[str, int]:
     """Optimizer state of one weight by kind: {"basis", "moments", "scalars", "adamw"}.
 
-    Projected (m, n) weight under a low-rank optimizer, r = min(rank, m, n):
-        left  (m < n):  basis S (m, r), moments 2 x (r, n)
-        right (m >= n): basis P (r, n), moments 2 x (m, r)
+    Projected (m, n) weight under a low-rank optimizer, r = min(rank, m, n), side by
+    optim.grassmann.projection_side(proj_type) (``std``: the shorter side):
+        left  (std, m < n):  basis S (m, r), moments 2 x (r, n)
+        right (std, m >= n): basis P (r, n), moments 2 x (m, r)
     (basis in float32 unless basis_bytes says otherwise; moments float32 or 8-bit)
     e.g. 512 x 1376 at r = 128: 2 * 128 * 1376 + 512 * 128 numbers.
+    With `shards` processes (FSDP2) the figures are one process's: row state (moments, AdamW
+    moments) over ceil(m / shards) rows; the basis P and the counters whole (module docstring).
     """
     out = {"basis": 0, "moments": 0, "scalars": 0, "adamw": 0}
+    rows = w.shard(shards).shape[0]
     if optim_name in LOW_RANK and w.projected:
         m, n = w.shape
         r = min(rank, m, n)
-        basis, projected = (m * r, r * n) if m < n else (r * n, m * r)
+        if gm.projection_side((m, n), proj_type) == gm.LEFT:
+            if shards > 1:  # S (m, r) and moments (r, n) would need whole rows on every process
+                raise ValueError(f"{w.name} {w.shape} projects on the left under proj_type {proj_type!r}; "
+                                 "FSDP (shards > 1) needs proj_type 'right'")
+            basis, projected, local = m * r, r * n, r * n
+        else:
+            basis, projected, local = r * n, m * r, rows * r
         out["basis"] = basis_bytes * basis
-        out["moments"] = 2 * _moment_bytes(projected, state_bits, 4)
+        out["moments"] = 2 * _sharded_moment_bytes(projected, local, state_bits, 4)
         out["scalars"] = 3 * 8 + 2 * 4  # step, moment_step, subspace_updates (int64); limiter_norm, angle
         return out
+    local = w.shard(shards).numel
     if state_bits == 8:
-        out["adamw"] = 2 * _moment_bytes(w.numel, 8, 4)  # bitsandbytes keeps small tensors in float32
+        out["adamw"] = 2 * _sharded_moment_bytes(w.numel, local, 8, 4)  # bitsandbytes keeps small tensors in float32
     else:
-        out["adamw"] = 2 * weight_bytes * w.numel  # torch.optim.AdamW and SubTrackAdamW: zeros_like(p)
+        out["adamw"] = 2 * weight_bytes * local  # torch.optim.AdamW and SubTrackAdamW: zeros_like(p)
     out["scalars"] = 8 if optim_name in LOW_RANK else 4  # step: int64 (SubTrackAdamW), float32 (torch)
     return out
 
@@ -189,7 +229,8 @@ def step_temporaries(weights: list[Weight], optim_name: str, state_bits: int, we
 def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: int | None = None,
              state_bits: int = 32, per_layer: bool = False, checkpointing: bool = False, batch: int = 1,
              seq: int = 256, dtype="bf16", activation_dtype=None, autocast: bool = False,
-             basis_dtype="fp32", device: str = "cuda", **config_overrides) -> dict[str, int]:
+             basis_dtype="fp32", device: str = "cuda", shards: int = 1, proj_type: str | None = None,
+             **config_overrides) -> dict[str, int]:
     """Bytes of one training step of `size_or_cfg` (a name of models.SIZES or a LlamaConfig).
 
     optim_name: adamw | galore | fira | subtrack | subtrack++ (optim.factory.PRESETS);
@@ -198,11 +239,15 @@ def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: in
     defaults to dtype, or bf16 under autocast; autocast: bf16 autocast over weights in
     `dtype` (adds its cache of bf16 copies of the Linear weights, alive from forward to the
     end of backward); basis_dtype: of the low-rank bases; device: "cuda" or "cpu" (only the
-    optimizer's temporaries differ); config_overrides: LlamaConfig fields (e.g. vocab_size).
+    optimizer's temporaries differ); shards: FSDP2 over that many processes, figures per process
+    (module docstring); proj_type: the low-rank side rule (optim.grassmann.projection_side),
+    default "std" on one process and "right" with shards > 1, the only one FSDP allows;
+    config_overrides: LlamaConfig fields (e.g. vocab_size).
 
     Returns weights, gradients, state_basis, state_moments, state_scalars, state_adamw,
     optimizer_state, autocast_cache, activations (saved by forward, head included),
-    activations_recompute, loss_backward, step_temporaries, total (weights + gradients + optimizer_state +
+    activations_recompute, loss_backward, step_temporaries, gathered_weights, gathered_gradient
+    (FSDP's unsharded block weights and gradient; 0 on one process), total (weights + gradients + optimizer_state +
     activations, the sum papers tabulate) and peak (the timeline's maximum, module docstring).
     """
     if optim_name not in PRESETS:
@@ -212,28 +257,38 @@ def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: in
     check(STATE_BITS, state_bits)
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device {device!r} must be 'cuda' or 'cpu'")
+    if not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards {shards!r} must be a positive number of processes")
+    if shards > 1 and per_layer:
+        raise ValueError("per-layer updates run on one process (optim/per_layer.py); use shards=1 or per_layer=False")
+    proj_type = proj_type or ("right" if shards > 1 else "std")
     cfg = get_config(size_or_cfg, **config_overrides)
     wb = dtype_bytes(dtype)
     ab = dtype_bytes(activation_dtype if activation_dtype is not None else ("bf16" if autocast else dtype))
-    weights = model_weights(cfg)
+    whole = model_weights(cfg)
+    weights = [w.shard(shards) for w in whole]  # this process's rows (all of them on one process)
 
     out = {"weights": wb * sum(w.numel for w in weights)}
     largest_grad = wb * max(w.numel for w in weights)
     out["gradients"] = largest_grad if per_layer else wb * sum(w.numel for w in weights)
     kinds = {"basis": 0, "moments": 0, "scalars": 0, "adamw": 0}
-    for w in weights:
-        for kind, nbytes in state_bytes(w, optim_name, rank, state_bits, wb, dtype_bytes(basis_dtype)).items():
+    for w in whole:
+        for kind, nbytes in state_bytes(w, optim_name, rank, state_bits, wb, dtype_bytes(basis_dtype),
+                                        proj_type, shards).items():
             kinds[kind] += nbytes
     out.update({f"state_{kind}": nbytes for kind, nbytes in kinds.items()})
     out["optimizer_state"] = sum(kinds.values())
 
     act = activation_bytes(cfg, batch, seq, ab, checkpointing)
-    linear = sum(w.numel for w in weights if len(w.shape) == 2 and w.name != "embed_tokens.weight")
+    linear = sum(w.numel for w in whole if len(w.shape) == 2 and w.name != "embed_tokens.weight")
     out["autocast_cache"] = 2 * linear if autocast else 0
     out["activations"] = act["blocks"] + act["head"]
     out["activations_recompute"] = act["recompute"]
     out["loss_backward"] = act["loss_backward"]
     out["step_temporaries"] = step_temporaries(weights, optim_name, state_bits, wb, per_layer, device)
+    block = wb * sum(w.numel for w in whole if w.name.startswith("layers.0."))
+    out["gathered_weights"] = 2 * block if shards > 1 else 0  # the block computed and the prefetched next one
+    out["gathered_gradient"] = block if shards > 1 else 0  # one block's, until its reduce-scatter
     out["total"] = out["weights"] + out["gradients"] + out["optimizer_state"] + out["activations"]
 
     # The timeline's candidate maxima (module docstring): log_softmax's backward (log-probs,
@@ -241,13 +296,14 @@ def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: in
     # beside the float32 logits' gradient and, for 2-byte activations, its cast), the
     # recompute of the last block under checkpointing, and the optimizer step.
     static = out["weights"] + out["optimizer_state"]
-    in_backward = static + out["autocast_cache"]
+    in_backward = static + out["autocast_cache"] + out["gathered_weights"]
     by_name = {w.name: w for w in weights}
     lm_head_grad = wb * by_name["lm_head.weight"].numel
     logits_grad = (4 + (ab if ab != 4 else 0)) * batch * seq * cfg.vocab_size
     loss_backward = in_backward + out["activations"] + act["loss_backward"]
-    head_backward = in_backward + out["activations"] + logits_grad - act["log_probs"] + lm_head_grad
-    recompute = in_backward + act["blocks"] + act["recompute"] + lm_head_grad
+    head_backward = (in_backward + out["activations"] + logits_grad - act["log_probs"] + lm_head_grad
+                     + out["gathered_gradient"])
+    recompute = in_backward + act["blocks"] + act["recompute"] + lm_head_grad + out["gathered_gradient"]
     if per_layer:
         # Each weight is stepped in its gradient hook, once the node that made the gradient
         # has freed its inputs: lm_head first (logits' gradient gone), the embedding last

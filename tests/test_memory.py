@@ -221,3 +221,81 @@ def test_bench_memory_measured_peak_on_cpu_within_10pct(capsys):
     out = capsys.readouterr().out
     ratio = float(out.rsplit("estimate / measured = ", 1)[1].split(")")[0])
     assert 0.9 <= ratio <= 1.1, out
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 over N processes (estimate(shards=N)): figures per process
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shards", [2, 8])
+def test_fsdp_divides_weights_gradients_and_adamw_state_exactly(shards):
+    """7b's row counts (32000, 4096, 11008) divide by 2 and 8: each process holds exactly 1/N."""
+    one, sharded = memory.estimate("7b", "adamw"), memory.estimate("7b", "adamw", shards=shards)
+    for key in ("weights", "gradients", "state_adamw"):
+        assert sharded[key] * shards == one[key], key
+    assert sharded["activations"] == one["activations"]  # activations are not sharded
+
+
+def test_fsdp_shards_low_rank_moments_but_not_bases_or_counters():
+    """Right-side projection on both (FSDP's only side): moments and the other weights' AdamW
+    state divide by N, the bases P (r x n) and the counters are whole on every process."""
+    one = memory.estimate("7b", "subtrack++", rank=1024, proj_type="right")
+    sharded = memory.estimate("7b", "subtrack++", rank=1024, shards=8)
+    assert sharded["state_moments"] * 8 == one["state_moments"]
+    assert sharded["state_adamw"] * 8 == one["state_adamw"]
+    assert sharded["state_basis"] == one["state_basis"] > 0
+    assert sharded["state_scalars"] == one["state_scalars"] > 0
+
+
+def test_fsdp_projected_weight_state_uses_the_right_side():
+    """down_proj (4096 x 11008) projects on the left by default (S: 4096 x r); under FSDP on the
+    right: P (r x 11008) whole, moments of this process's 4096 / 8 rows x r."""
+    r, w = 1024, memory.Weight("layers.0.mlp.down_proj.weight", (4096, 11008), projected=True)
+    std = memory.state_bytes(w, "subtrack++", r, state_bits=32, weight_bytes=2)
+    assert std["basis"] == 4 * 4096 * r and std["moments"] == 2 * 4 * r * 11008
+    fsdp = memory.state_bytes(w, "subtrack++", r, state_bits=32, weight_bytes=2, proj_type="right", shards=8)
+    assert fsdp["basis"] == 4 * r * 11008 and fsdp["moments"] == 2 * 4 * (4096 // 8) * r
+    # 8 bits decided by the whole moment (4096 x 1024), blocks packed within the 512 x 1024 shard
+    fsdp8 = memory.state_bytes(w, "subtrack++", r, state_bits=8, weight_bytes=2, proj_type="right", shards=8)
+    assert fsdp8["moments"] == 2 * quant8.packed_nbytes(512 * r)
+    with pytest.raises(ValueError, match="proj_type 'right'"):
+        memory.state_bytes(w, "subtrack++", r, 32, 2, proj_type="std", shards=8)
+    # rows that do not divide: every process's (padded) shard has ceil(m / N) rows
+    odd = memory.Weight("x", (10, 3), projected=False)
+    assert memory.state_bytes(odd, "adamw", None, 32, 2, shards=4)["adamw"] == 2 * 2 * 3 * 3
+
+
+def test_fsdp_peak_includes_the_all_gathered_blocks():
+    cfg = SIZES["7b"]
+    block = 2 * sum(w.numel for w in memory.model_weights(cfg) if w.name.startswith("layers.0."))
+    # a long batch: the start of backward (loss gradients beside all activations) is the peak
+    est = memory.estimate("7b", "adamw", batch=16, seq=2048, shards=8)
+    assert est["gathered_weights"] == 2 * block and est["gathered_gradient"] == block
+    assert est["peak"] == (est["weights"] + est["optimizer_state"] + est["gathered_weights"] + est["activations"]
+                           + est["loss_backward"])
+    assert memory.estimate("7b", "adamw", batch=16, seq=2048)["gathered_weights"] == 0
+
+
+def test_estimate_refuses_bad_shards():
+    with pytest.raises(ValueError, match="positive number of processes"):
+        memory.estimate("nano", "adamw", shards=0)
+    with pytest.raises(ValueError, match="one process"):
+        memory.estimate("nano", "adamw", shards=2, per_layer=True)
+
+
+def test_bench_memory_shards_prints_per_process_and_refuses_zero(capsys):
+    assert bench_memory.main(["--model", "7b", "--optim", "subtrack++", "--state-bits", "8", "--shards", "8",
+                              "--no-measure"]) == 0
+    out = capsys.readouterr().out
+    est = memory.estimate("7b", "subtrack++", rank=1024, state_bits=8, shards=8)
+    assert "FSDP2 over 8 processes" in out and f"{est['peak'] / 1e9:.2f}" in out and "all-gathered" in out
+    assert bench_memory.main(["--table", "--no-measure"]) == 0
+    table = capsys.readouterr().out
+    assert "FSDP2 over 8 processes" in table
+    fsdp_7b = memory.estimate("7b", "subtrack++", rank=1024, state_bits=8, shards=8)
+    assert f"| 7b | SubTrack++ 8-bit | plain | {fsdp_7b['weights'] / 1e9:.2f} |" in table
+    for argv in (["--shards", "0"], ["--shards", "2", "--per-layer"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_memory.main(argv)
+        message = str(exit_info.value.code)
+        assert message.startswith("--") and "\n" not in message

@@ -3,6 +3,9 @@ peak beside it on a GPU.
 
     python -m pretrain.bench memory --model 7b --optim subtrack++ --state-bits 8 --per-layer --batch 1 --seq 256
     python -m pretrain.bench memory --table --batch 1 --seq 256     # AdamW / 8-bit / GaLore / SubTrack++, 1b and 7b
+    python -m pretrain.bench memory --model 7b --optim subtrack++ --state-bits 8 --shards 8 --no-measure  # FSDP2, per process
+
+--table also prints the FSDP2 figures per process, over --shards processes (8 unless given).
 
 Figures are GB (10^9 bytes). The formulas and their assumptions are in pretrain/memory.py.
 """
@@ -30,6 +33,8 @@ LINES = [  # (label, key) of the breakdown, in print order
     ("  + loss gradients (backward start)", "loss_backward"),
     ("autocast weight copies", "autocast_cache"),
     ("optimizer step temporaries", "step_temporaries"),
+    ("FSDP all-gathered blocks (2, full weights)", "gathered_weights"),
+    ("FSDP one block's full gradient", "gathered_gradient"),
     ("total: weights+grads+state+activations", "total"),
     ("estimated peak", "peak"),
 ]
@@ -55,7 +60,9 @@ def parse_args(argv):
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weights and gradients")
     parser.add_argument("--autocast", action="store_true", help="fp32 weights under bf16 autocast (use --dtype fp32)")
     parser.add_argument("--basis-dtype", default="fp32", choices=("bf16", "fp32"))
-    parser.add_argument("--table", action="store_true", help="the comparison table for 1b and 7b")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="FSDP2 over this many processes: figures per process (default 1, no FSDP)")
+    parser.add_argument("--table", action="store_true", help="the comparison tables for 1b and 7b")
     parser.add_argument("--steps", type=int, default=3, help="steps measured on a GPU (after one warm-up step)")
     parser.add_argument("--no-measure", action="store_true", help="skip the GPU measurement")
     parser.add_argument("--measure-cpu", action="store_true",
@@ -64,6 +71,11 @@ def parse_args(argv):
     for name in ("batch", "seq", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    # one line each, no usage dump: these are values, not a misspelt command line
+    if args.shards < 1:
+        raise SystemExit(f"--shards must be a number of processes >= 1, got {args.shards}")
+    if args.shards > 1 and args.per_layer:
+        raise SystemExit("--per-layer runs on one process (optim/per_layer.py); drop it or use --shards 1")
     return args
 
 
@@ -81,7 +93,8 @@ def describe(args, rank) -> str:
     return (f"{args.model} ({count_parameters(cfg) / 1e9:.2f}B parameters), {optim}, {args.state_bits}-bit state, "
             f"{'per-layer updates' if args.per_layer else 'one optimizer step'}, "
             f"{'activation checkpointing' if args.checkpointing else 'no checkpointing'}, "
-            f"batch {args.batch} x {args.seq} tokens, {args.dtype}{' + autocast' if args.autocast else ''}")
+            f"batch {args.batch} x {args.seq} tokens, {args.dtype}{' + autocast' if args.autocast else ''}"
+            + (f", FSDP2 over {args.shards} processes (per process; right-side projection)" if args.shards > 1 else ""))
 
 
 def breakdown(args) -> int:
@@ -89,15 +102,18 @@ def breakdown(args) -> int:
     est = memory.estimate(args.model, args.optim, rank=rank, state_bits=args.state_bits, per_layer=args.per_layer,
                           checkpointing=args.checkpointing, batch=args.batch, seq=args.seq, dtype=args.dtype,
                           autocast=args.autocast, basis_dtype=args.basis_dtype,
-                          device="cpu" if args.measure_cpu else "cuda")
+                          device="cpu" if args.measure_cpu else "cuda", shards=args.shards)
     print(f"memory of one training step: {describe(args, rank)}")
     print(f"{'':42s} {'GB':>8s}")
     for label, key in LINES:
-        if key in ("autocast_cache", "activations_recompute") and not est[key]:
+        if key in ("autocast_cache", "activations_recompute", "gathered_weights", "gathered_gradient") and not est[key]:
             continue
         print(f"{label:42s} {est[key] / GB:8.2f}")
     device = torch.device("cuda") if torch.cuda.is_available() and not args.measure_cpu else torch.device("cpu")
     if args.no_measure or (device.type == "cpu" and not args.measure_cpu):
+        return 0
+    if args.shards > 1:  # the measurement below is one process's whole model
+        print(f"(not measured: FSDP over {args.shards} processes is not measured here)")
         return 0
     try:
         measured = measure_peak(args, rank, device)
@@ -125,6 +141,22 @@ def table(args) -> int:
                                       basis_dtype=args.basis_dtype)
                 cells = [est[k] / GB for k in ("weights", "gradients", "optimizer_state", "activations", "peak")]
                 print(f"| {size} | {label} | {setting or 'plain'} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    shards = args.shards if args.shards > 1 else 8
+    print(f"\nFSDP2 over {shards} processes, per process: weights, gradients and AdamW / low-rank moments by "
+          f"rows (/ {shards}); low-rank bases P (right side, r x n) and counters whole on every process; "
+          "all-gathered: 2 blocks' full weights + 1 block's full gradient. Per-layer updates are single-process.\n")
+    print("| model | optimizer | setting | weights | gradients | optimizer state | (of which bases) "
+          "| activations | all-gathered | peak |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for size in ("1b", "7b"):
+        for label, optim, bits in TABLE_ROWS:
+            for setting, checkpointing in (("plain", False), ("checkpointing", True)):
+                est = memory.estimate(size, optim, rank=PAPER_RANK[size][0], state_bits=bits,
+                                      checkpointing=checkpointing, batch=args.batch, seq=args.seq, dtype=args.dtype,
+                                      basis_dtype=args.basis_dtype, shards=shards)
+                cells = [est["weights"], est["gradients"], est["optimizer_state"], est["state_basis"],
+                         est["activations"], est["gathered_weights"] + est["gathered_gradient"], est["peak"]]
+                print(f"| {size} | {label} | {setting} | " + " | ".join(f"{c / GB:.2f}" for c in cells) + " |")
     return 0
 
 
