@@ -9,7 +9,7 @@ def tensor_bytes(obj, distinct_storages: bool = False) -> int:
 
     distinct_storages=False: numel * element_size of each tensor (what a collective or a
     checkpoint moves; works on meta tensors). True: each distinct storage once, whole (what
-    memory holds: views and repeated tensors count once).
+    memory holds: views and repeated tensors count once). A DTensor counts its local shard.
     """
     storages: dict[int, int] = {}
     total = 0
@@ -17,6 +17,8 @@ def tensor_bytes(obj, distinct_storages: bool = False) -> int:
     while stack:
         item = stack.pop()
         if torch.is_tensor(item):
+            if hasattr(item, "to_local"):  # a DTensor (FSDP2): this rank's shard is what it holds and moves
+                item = item.to_local()
             if distinct_storages:
                 storage = item.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
