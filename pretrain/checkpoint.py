@@ -433,7 +433,7 @@ class CheckpointManager:
         except (OSError, ValueError, yaml.YAMLError) as e:  # only a checkpoint without a manifest gets here
             raise ResumeError(f"resume: checkpoint {path} has no readable config ({e.__class__.__name__}: {e}); "
                               "pass another checkpoint directory") from None
-        self._check_format(path, (saved.get("train") or {}).get("parallelism", "?"))
+        self._check_format(path, saved)
         fixed, changed = config_changes(saved, new_config, saved_model, new_model_config)
         if fixed:
             key, old, new = fixed[0]
@@ -441,8 +441,9 @@ class CheckpointManager:
                               f"{new!r}); set it back to {old!r}, or start a new run in another log.run_dir")
         return [f"resume: {key} {old} -> {new} ({note})" for key, old, new, note in changed]
 
-    def _check_format(self, path: Path, saved_mode: str) -> None:
-        """Only fsdp reads DCP checkpoints (dcp/), and fsdp reads nothing else."""
+    def _check_format(self, path: Path, saved_config: dict) -> None:
+        """Only fsdp reads DCP checkpoints (dcp/), and fsdp reads nothing else (ResumeError naming both)."""
+        saved_mode = ((saved_config or {}).get("train") or {}).get("parallelism", "?")
         if is_dcp_checkpoint(path) and self.state is None:
             raise ResumeError(f"resume: checkpoint {path} was written by train.parallelism fsdp (DCP shards in "
                               f"{DCP_DIR}/), which this run's parallelism {self.mode} cannot read; resume with "
@@ -462,7 +463,7 @@ class CheckpointManager:
         fresh = [{k: v for k, v in g.items() if k not in ("params", "names", "param_names")}
                  for g in optimizer.param_groups]
         state = load_checkpoint(path, map_location=map_location, with_optimizer=False, with_model=self.state is None)
-        self._check_format(path, yaml.safe_load(state["config_yaml"]).get("train", {}).get("parallelism", "?"))
+        self._check_format(path, yaml.safe_load(state["config_yaml"]))
         if self.state is not None:
             self.state.load_state(path / DCP_DIR)  # collective; DCP reshards to this world size
             how = f"DCP shards resharded to {self.world_size} rank(s)"

@@ -253,9 +253,9 @@ def test_resuming_across_checkpoint_formats_is_refused_naming_both(two, tmp_path
     dcp_checkpoint = two["tmp"] / "fsdp" / "checkpoints" / STEP5
     plain_checkpoint = two["tmp"] / "ddp" / "checkpoints" / STEP5
     with pytest.raises(ResumeError, match="written by train.parallelism fsdp.*this run's parallelism replicate"):
-        CheckpointManager(tmp_path, 1, mode="replicate")._check_format(dcp_checkpoint, "fsdp")
+        CheckpointManager(tmp_path, 1, mode="replicate")._check_format(dcp_checkpoint, {"train": {"parallelism": "fsdp"}})
     with pytest.raises(ResumeError, match="written by train.parallelism replicate.*parallelism fsdp reads only"):
-        CheckpointManager(tmp_path, 1, state=object(), mode="fsdp")._check_format(plain_checkpoint, "replicate")
+        CheckpointManager(tmp_path, 1, state=object(), mode="fsdp")._check_format(plain_checkpoint, {"train": {"parallelism": "replicate"}})
 
 
 # ----------------------------------------------------------------------------- config checks (in-process)
@@ -294,3 +294,23 @@ def test_proj_type_reaches_the_projected_group_and_cannot_change_on_resume():
     groups = build_optimizer(build_model("nano", vocab_size=64, max_seq_len=32), cfg).param_groups
     assert [g["proj_type"] for g in groups if "rank" in g] == ["right"]
     assert OptimConfig().proj_type == "std" and "optim.proj_type" in FIXED_ON_RESUME
+
+
+def test_fsdp_in_one_process_without_a_launcher_trains_evaluates_and_saves_dcp(tmp_path):
+    """`python -m pretrain` with train.parallelism fsdp and no launcher: the strategy joins a one-rank
+    group of its own (and leaves it at the end); evaluation runs the sharded model; the checkpoint is DCP."""
+    import torch.distributed as dist
+
+    from pretrain.checkpoint import is_dcp_checkpoint, load_checkpoint
+    from pretrain.config import load_config
+    from pretrain.train import train
+
+    config = tmp_path / "nano.yaml"
+    config.write_text(NANO_ADAMW)
+    summary = train(load_config(str(config), ["train.parallelism=fsdp", "train.max_steps=2", "train.eval_batches=1",
+                                              f"log.run_dir={tmp_path / 'run'}"], world_size=1))
+    assert summary["mode"] == "fsdp" and len(summary["evals"]) == 2 and not dist.is_initialized()
+    assert summary["optimizer_state_bytes"] > 0
+    assert is_dcp_checkpoint(summary["checkpoint"])
+    state = load_checkpoint(summary["checkpoint"])
+    assert state["trainer"]["step"] == 2 and any(k.endswith("exp_avg") for k in state["optimizer"])
