@@ -35,7 +35,7 @@ train:
   max_steps: 10
   warmup_steps: 2
   eval_every: 0
-  eval_batches: 0
+  eval_batches: 1
 log:
   log_every: 1
   tensorboard: false
@@ -174,6 +174,8 @@ def two(tmp_path_factory):
 def test_fsdp_adamw_equals_replicate_on_two_ranks(two):
     assert two["fsdp"]["summary"]["mode"] == "fsdp" and two["ddp"]["summary"]["mode"] == "replicate"
     assert_same_trajectory(two["fsdp"], two["ddp"])
+    evals = [[loss for _, loss in run["summary"]["evals"]] for run in (two["fsdp"], two["ddp"])]
+    assert len(evals[0]) == 2 and evals[0] == pytest.approx(evals[1], rel=LOSS_TOL, abs=0)  # steps 0 and 10
 
 
 def test_fsdp_checkpoint_is_dcp_verified_and_resumes_the_same_losses(two):
@@ -307,7 +309,7 @@ def test_fsdp_in_one_process_without_a_launcher_trains_evaluates_and_saves_dcp(t
 
     config = tmp_path / "nano.yaml"
     config.write_text(NANO_ADAMW)
-    summary = train(load_config(str(config), ["train.parallelism=fsdp", "train.max_steps=2", "train.eval_batches=1",
+    summary = train(load_config(str(config), ["train.parallelism=fsdp", "train.max_steps=2", 
                                               f"log.run_dir={tmp_path / 'run'}"], world_size=1))
     assert summary["mode"] == "fsdp" and len(summary["evals"]) == 2 and not dist.is_initialized()
     assert summary["optimizer_state_bytes"] > 0
