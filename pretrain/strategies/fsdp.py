@@ -24,7 +24,8 @@ class FSDP(Strategy):
         super().__init__(cfg, dist_info)
         self._own_group = False
         if not dist.is_initialized():  # one process (not launched distributed): FSDP2 still needs a group
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            backend = "nccl" if dist_info.device.type == "cuda" else "gloo"  # as pretrain.distributed.setup
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             self._own_group = True
 
     def build_optimizer(self, model):
