@@ -1,7 +1,8 @@
 """Conversion between our checkpoints and Hugging Face's Llama format, in one file.
 
 Our checkpoint directory holds ``model.pt`` (the state dict of ``models.llama.Llama``) and
-``model_config.json`` (the ``LlamaConfig`` fields). A Hugging Face directory holds
+``model_config.json`` (the ``LlamaConfig`` fields); a train.parallelism fsdp checkpoint holds the
+weights as DCP shards in ``dcp/`` instead of ``model.pt``, read whole here. A Hugging Face directory holds
 ``config.json`` (``LlamaForCausalLM``) and ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``). Parameter names differ only by the ``model.`` prefix
 that Hugging Face puts on everything except ``lm_head.weight``; the math is the same
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from models.llama import Llama, LlamaConfig
 
 MODEL_FILE = "model.pt"
+DCP_DIR = "dcp"  # train.parallelism fsdp writes the weights as torch.distributed.checkpoint shards instead
 MODEL_CONFIG_FILE = "model_config.json"
 HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILE = "model.safetensors"
@@ -159,10 +161,16 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, overwrite: bool = False
     config_path = os.path.join(checkpoint_dir, MODEL_CONFIG_FILE)
     model_path = os.path.join(checkpoint_dir, MODEL_FILE)
     _require_file(config_path)
-    _require_file(model_path)
     with open(config_path) as f:
         cfg = LlamaConfig.from_dict(json.load(f))
-    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    if not os.path.exists(model_path) and os.path.isfile(os.path.join(checkpoint_dir, DCP_DIR, ".metadata")):
+        from pretrain.dcp_state import load_full  # one process, no process group
+
+        model_path = os.path.join(checkpoint_dir, DCP_DIR)
+        state = load_full(model_path, prefix="model.")
+    else:
+        _require_file(model_path)
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
     _check_state_dict(cfg, state, model_path)
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) != 1:
@@ -234,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example: python -m models.hf export runs/x/checkpoints/step_00001000 hf/llama_60m")
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="our checkpoint directory -> Hugging Face directory")
-    export.add_argument("checkpoint_dir", help="directory with model.pt and model_config.json")
+    export.add_argument("checkpoint_dir", help="directory with model.pt (or dcp/) and model_config.json")
     export.add_argument("out_dir", help="where config.json and model.safetensors are written")
     imp = commands.add_parser("import", help="Hugging Face directory -> our checkpoint directory")
     imp.add_argument("hf_dir", help="directory with config.json and *.safetensors")

@@ -44,7 +44,7 @@ class OptimConfig:
     rank / update_interval: None = not set; the run config fills them from the paper's value for
         the model size (models.PAPER_RANK), and a projected preset refuses to build without them.
     subspace / moments / residual: None takes the preset's choice; a value overrides it.
-    The other low-rank fields (scale, step_size, geodesic_rank, auto_damping, max_angle, accumulate,
+    The other low-rank fields (scale, proj_type, step_size, geodesic_rank, auto_damping, max_angle, accumulate,
         limiter, recovery_scaled_back, scale_recovery, rotate_compat, basis_dtype) and state_bits:
         default, allowed values and meaning in optim/options.py, which __post_init__ checks against.
     per_layer: step each weight in its post-accumulate-grad hook and free its gradient at once
@@ -60,6 +60,7 @@ class OptimConfig:
     rank: int | None = _DEFAULT["rank"]
     update_interval: int | None = _DEFAULT["update_interval"]
     scale: float = _DEFAULT["scale"]
+    proj_type: str = _DEFAULT["proj_type"]
     step_size: float | str = _DEFAULT["step_size"]
     geodesic_rank: int = _DEFAULT["geodesic_rank"]
     subspace: str | None = _DEFAULT["subspace"]
@@ -147,8 +148,8 @@ def param_groups(model: nn.Module, rank: int | None = None,
         group["names"].append(name)
     groups = [g for g in (plain,) if g["params"]]
     if projected["params"]:
-        projected.update(rank=int(rank), update_proj_gap=int(update_interval), scale=float(scale), proj_type="std",
-                         **projected_options)
+        projected.update(rank=int(rank), update_proj_gap=int(update_interval), scale=float(scale),
+                         **{"proj_type": option("proj_type").default, **projected_options})
         groups.append(projected)
     return groups
 

@@ -4,7 +4,7 @@
 defaults, and `optim.subtrack.SubTrackAdamW` the defaults it fills into a projected group and
 the checks it runs on it. Keys are param-group keys (galore-torch's `rank`, `update_proj_gap`,
 `scale`, `proj_type` where it has one); `config` is the `optim:` field when it differs
-(`update_interval`) or None when the run config has no such field (`proj_type`).
+(`update_interval`) or None when the run config has no such field.
 
     check(option("scale"), 0.0, "optim.scale")   # ValueError: optim.scale 0.0 must be positive
 """
@@ -80,9 +80,9 @@ PROJECTED: tuple[Option, ...] = (
            config_null="the paper's value"),
     Option("scale", 0.25, "factor on the back-projected update S N",
            bound=_positive, must="must be positive"),
-    Option("proj_type", "std", "galore-torch's side rule: std projects on the shorter side",
-           choices=PROJ_TYPES, must=f"is not supported; use {', '.join(map(repr, PROJ_TYPES[:-1]))} or {PROJ_TYPES[-1]!r}",
-           config=None),
+    Option("proj_type", "std", "galore-torch's side rule: std projects on the shorter side; right (a basis "
+           "P (r, n) on every weight) is what train.parallelism fsdp needs (row-sharded weights)",
+           choices=PROJ_TYPES, must=f"is not supported; use {', '.join(map(repr, PROJ_TYPES[:-1]))} or {PROJ_TYPES[-1]!r}"),
     Option("subspace", "grassmann", "how S moves: SVD once then geodesic steps, or an SVD every k steps",
            choices=SUBSPACE_RULES, config_null="the preset's"),
     Option("moments", "rotate", "what the Adam moments do when S moves",

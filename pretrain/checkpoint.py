@@ -8,6 +8,8 @@ Layout (docs/architecture.md):
         optimizer/rank00000.pt      one process: the optimizer's state_dict (index-keyed, as torch's)
         optimizer/rank<NNNNN>.pt    sharded (optim.sharded.ShardedOptimizer): one shard per rank, keyed by
         optimizer/index.json        parameter name, and the index (world size, owner of each name)
+        dcp/                train.parallelism fsdp, instead of model.pt and optimizer/: model and optimizer
+                            state as torch.distributed.checkpoint shards (pretrain/dcp_state.py)
         trainer.pt          step, scheduler, per-rank data loader states, RNG states
         config.yaml         the full resolved run config
         manifest.json       every other file's relative path, size and sha256, written last
@@ -17,8 +19,9 @@ when complete, so a crash mid-save leaves the previous checkpoint as the latest 
 lets a resume tell a damaged checkpoint (a truncated or lost file) from a good one and fall back
 to the newest one that verifies (`CheckpointManager.resolve`). With a sharded optimizer every
 rank first writes its shard into the staging directory's `optimizer/`, then rank 0 writes the
-rest, the manifest last, and renames. `load_optimizer` reads either format into either kind
-of optimizer, so a run resumes at another world size.
+rest, the manifest last, and renames; a DCP checkpoint likewise, every rank writing its shards
+into `dcp/` first. `load_optimizer` reads either format into either kind of optimizer, so a run
+resumes at another world size; DCP reshards itself.
 
 `CheckpointManager` is what the training loop uses: save, keep-last, resume resolution (verified,
 with fallback), the settings a resume may change, loading. `locked_run_dir` keeps a second job
@@ -50,6 +53,8 @@ TMP_PREFIX = ".tmp-"
 OPTIMIZER_INDEX = INDEX_FILE  # written by optim.sharded.ShardedOptimizer.save_sharded
 MANIFEST = "manifest.json"
 REQUIRED = ("model.pt", "trainer.pt")  # what a checkpoint without a manifest (older code) must hold
+DCP_DIR = "dcp"  # train.parallelism fsdp: model and optimizer shards (pretrain/dcp_state.py)
+DCP_METADATA = f"{DCP_DIR}/.metadata"  # stands in for model.pt in a DCP checkpoint's manifest
 
 
 class ResumeError(ConfigError):
@@ -87,34 +92,38 @@ def staging_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"{TMP_PREFIX}{step_dir_name(step)}"
 
 
-def prepare_staging(root: str | os.PathLike, step: int) -> Path:
-    """An empty staging directory for `step` (a leftover of a crashed save is removed). Rank 0 only."""
+def prepare_staging(root: str | os.PathLike, step: int, subdir: str = "optimizer") -> Path:
+    """An empty staging directory for `step` (a leftover of a crashed save is removed) with an empty
+    `subdir`, where the ranks write their shards. Rank 0 only."""
     tmp = staging_dir(root, step)
     if tmp.exists():
         shutil.rmtree(tmp)
-    (tmp / "optimizer").mkdir(parents=True)
+    (tmp / subdir).mkdir(parents=True)
     return tmp
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict, model_config: dict,
+def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict | None, model_config: dict,
                     optimizer_state: dict | None, trainer_state: dict, config_yaml: str, keep_last: int) -> Path:
     """Write checkpoint `step` under `root` atomically, then delete all but the newest `keep_last`.
 
     optimizer_state: a state_dict, written as optimizer/rank00000.pt; or None when the ranks
     already wrote their shards into `staging_dir(root, step)/optimizer` (after `prepare_staging`).
+    model_state None: the ranks already wrote model and optimizer into `staging_dir(root, step)/dcp`.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     if optimizer_state is None:
         tmp = staging_dir(root, step)
-        if not (tmp / "optimizer" / OPTIMIZER_INDEX).is_file():
-            raise FileNotFoundError(f"{tmp / 'optimizer'} holds no sharded optimizer state ({OPTIMIZER_INDEX}); "
-                                    "call optimizer.save_sharded there on every rank first, or pass optimizer_state")
+        written = DCP_METADATA if model_state is None else f"optimizer/{OPTIMIZER_INDEX}"
+        if not (tmp / written).is_file():
+            raise FileNotFoundError(f"{tmp} holds no {written}; every rank writes its shards there first "
+                                    "(optimizer.save_sharded or dcp.save), or pass optimizer_state")
     else:
         tmp = prepare_staging(root, step)
         _write(tmp / "optimizer" / shard_file(0), optimizer_state)
-    _write(tmp / "model.pt", model_state)
+    if model_state is not None:
+        _write(tmp / "model.pt", model_state)
     _write(tmp / "model_config.json", json.dumps(model_config, indent=2) + "\n")
     _write(tmp / "trainer.pt", trainer_state)
     _write(tmp / "config.yaml", config_yaml)
@@ -193,7 +202,7 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST}: unreadable ({e.__class__.__name__}: {e})"
     for name in REQUIRED:
-        if name not in files:
+        if name not in files and not (name == "model.pt" and DCP_METADATA in files):  # DCP: weights in dcp/
             return f"{name}: not in {MANIFEST}"
     for name, size in sizes.items():  # sizes first: cheap, and they catch truncation
         if not (path / name).is_file():
@@ -221,25 +230,44 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu", with_optimizer: bool = True) -> dict:
+def is_dcp_checkpoint(path: str | os.PathLike) -> bool:
+    """Written by train.parallelism fsdp: model and optimizer as DCP shards in dcp/."""
+    return (Path(path) / DCP_METADATA).is_file()
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", with_optimizer: bool = True,
+                    with_model: bool = True) -> dict:
     """{"model", "model_config", "optimizer", "trainer", "config_yaml"} of checkpoint directory `path`.
 
     "optimizer" is optimizer/rank00000.pt: the whole state of a one-process run, rank 0's shard of a
-    sharded one (`load_optimizer` reads every format); left out when `with_optimizer` is False.
+    sharded one (`load_optimizer` reads every format); of a DCP checkpoint, the full tensors of the
+    optimizer state keyed by flattened name ("state.<param>.exp_avg"). Left out when `with_optimizer`
+    is False, "model" when `with_model` is False. A DCP checkpoint's tensors are read whole in this
+    one process (no process group needed: `python -m models.hf export` reads them so).
     """
     path = Path(path)
-    missing = [n for n in ("model.pt", "model_config.json", "optimizer/rank00000.pt", "trainer.pt", "config.yaml")
-               if not (path / n).exists()]
+    dcp_checkpoint = is_dcp_checkpoint(path)
+    needed = ["model_config.json", "trainer.pt", "config.yaml"]
+    if not dcp_checkpoint:
+        needed += ["model.pt", "optimizer/rank00000.pt"]
+    missing = [n for n in needed if not (path / n).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {missing}")
 
     def load(name):
+        if dcp_checkpoint and name != "trainer.pt":
+            from pretrain.dcp_state import load_full
+
+            tensors = load_full(path / DCP_DIR, prefix={"model.pt": "model.", "optimizer": "optim."}[name])
+            return {k: v.to(map_location) for k, v in tensors.items()}
         return torch.load(path / name, map_location=map_location, weights_only=True)
 
-    out = {"model": load("model.pt"), "model_config": json.loads((path / "model_config.json").read_text()),
+    out = {"model_config": json.loads((path / "model_config.json").read_text()),
            "trainer": load("trainer.pt"), "config_yaml": (path / "config.yaml").read_text()}
+    if with_model:
+        out["model"] = load("model.pt")
     if with_optimizer:
-        out["optimizer"] = load("optimizer/rank00000.pt")
+        out["optimizer"] = load("optimizer" if dcp_checkpoint else "optimizer/rank00000.pt")
     return out
 
 
@@ -283,12 +311,14 @@ class CheckpointManager:
     `check_config` (which settings may change on resume) and `load`.
 
     save and resolve are collective: every rank calls them; rank 0 writes, verifies and renames.
+    `state` (train.parallelism fsdp: pretrain.dcp_state.DCPState) saves and loads model and optimizer
+    itself, collectively, into the checkpoint's dcp/ (`save_state(dir)`, `load_state(dir)`).
     """
 
     def __init__(self, root: str | os.PathLike, keep_last: int, *, rank: int = 0, world_size: int = 1,
-                 sharded: bool = False, say=print):
-        self.root, self.keep_last = Path(root), keep_last
-        self.rank, self.world_size, self.sharded, self.say = rank, world_size, sharded, say
+                 sharded: bool = False, state=None, mode: str = "?", say=print):
+        self.root, self.keep_last, self.mode = Path(root), keep_last, mode  # mode: the strategy's name
+        self.rank, self.world_size, self.sharded, self.state, self.say = rank, world_size, sharded, state, say
 
     def _gather(self, obj) -> list:
         from pretrain.distributed import all_gather_objects
@@ -308,7 +338,13 @@ class CheckpointManager:
         CheckpointWriteError on every rank, naming the file; the previous checkpoint stays the latest.
         """
         tmp, failure = staging_dir(self.root, step), None
-        if self.sharded:
+        if self.state is not None:  # DCP: every rank writes its shards; a failure anywhere raises everywhere
+            if self.rank == 0:
+                failure = self._attempt(tmp, prepare_staging, self.root, step, DCP_DIR)
+            failure = self._gather(failure)[0]  # the staging directory exists before anyone writes into it
+            failure = failure or self._attempt(tmp / DCP_DIR, self.state.save_state, tmp / DCP_DIR)
+            failure = next((f for f in self._gather(failure) if f), None)
+        elif self.sharded:
             if self.rank == 0:
                 failure = self._attempt(tmp, prepare_staging, self.root, step)
             self._barrier()  # the staging directory exists before anyone writes into it
@@ -318,9 +354,10 @@ class CheckpointManager:
                 self._barrier()  # the barrier that ends save_sharded, which this rank did not reach
             failure = next((f for f in self._gather(failure) if f), None)  # every shard on disk, or none
         if self.rank == 0 and failure is None:
-            failure = self._attempt(tmp, save_checkpoint, self.root, step, model_state=model_state,
+            failure = self._attempt(tmp, save_checkpoint, self.root, step,
+                                    model_state=None if self.state is not None else model_state,
                                     model_config=model_config,
-                                    optimizer_state=None if self.sharded else optimizer.state_dict(),
+                                    optimizer_state=None if self.sharded or self.state else optimizer.state_dict(),
                                     trainer_state=trainer_state, config_yaml=config_yaml, keep_last=self.keep_last)
         if self.rank == 0 and failure is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -331,14 +368,24 @@ class CheckpointManager:
 
     def _attempt(self, where: Path, write, *args, **kwargs) -> str | None:
         """None if `write` succeeded, else the one-line report of its OSError (naming its file, else `where`)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
             write(*args, **kwargs)
             return None
+        except CheckpointException as e:  # DCP: every rank gets every rank's failures; report the first
+            rank, (error, _) = min(e.failures.items(), key=lambda item: item[0])
+            if not isinstance(error, OSError):
+                raise
+            what = f"rank {rank}: " + ("no space left on device" if error.errno == errno.ENOSPC
+                                       else (error.strerror or str(error)))
+            filename = error.filename
         except OSError as e:
             what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            previous = latest_checkpoint(self.root)
-            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-            return f"checkpoint: {what} while writing {e.filename or where}; {kept}"
+            filename = e.filename
+        previous = latest_checkpoint(self.root)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        return f"checkpoint: {what} while writing {filename or where}; {kept}"
 
     # ------------------------------------------------------------------ resume
     def resolve(self, resume: str | None) -> Path | None:
@@ -386,12 +433,25 @@ class CheckpointManager:
         except (OSError, ValueError, yaml.YAMLError) as e:  # only a checkpoint without a manifest gets here
             raise ResumeError(f"resume: checkpoint {path} has no readable config ({e.__class__.__name__}: {e}); "
                               "pass another checkpoint directory") from None
+        self._check_format(path, saved)
         fixed, changed = config_changes(saved, new_config, saved_model, new_model_config)
         if fixed:
             key, old, new = fixed[0]
             raise ResumeError(f"resume: {key} cannot change on resume (checkpoint {path} has {old!r}, this run "
                               f"{new!r}); set it back to {old!r}, or start a new run in another log.run_dir")
         return [f"resume: {key} {old} -> {new} ({note})" for key, old, new, note in changed]
+
+    def _check_format(self, path: Path, saved_config: dict) -> None:
+        """Only fsdp reads DCP checkpoints (dcp/), and fsdp reads nothing else (ResumeError naming both)."""
+        saved_mode = ((saved_config or {}).get("train") or {}).get("parallelism", "?")
+        if is_dcp_checkpoint(path) and self.state is None:
+            raise ResumeError(f"resume: checkpoint {path} was written by train.parallelism fsdp (DCP shards in "
+                              f"{DCP_DIR}/), which this run's parallelism {self.mode} cannot read; resume with "
+                              "--set train.parallelism=fsdp")
+        if not is_dcp_checkpoint(path) and self.state is not None:
+            raise ResumeError(f"resume: checkpoint {path} was written by train.parallelism {saved_mode} (model.pt, "
+                              f"optimizer/), and this run's parallelism fsdp reads only DCP checkpoints ({DCP_DIR}/); "
+                              f"resume with --set train.parallelism={saved_mode}")
 
     def load(self, path: Path, *, model, optimizer, scheduler, map_location="cpu") -> tuple[dict, str]:
         """Model, optimizer and schedule state of checkpoint `path` into the given objects; then the
@@ -402,9 +462,14 @@ class CheckpointManager:
 
         fresh = [{k: v for k, v in g.items() if k not in ("params", "names", "param_names")}
                  for g in optimizer.param_groups]
-        state = load_checkpoint(path, map_location=map_location, with_optimizer=False)
-        model.load_state_dict(state["model"])
-        how = load_optimizer(optimizer, path, map_location=map_location)  # any world size, by parameter name
+        state = load_checkpoint(path, map_location=map_location, with_optimizer=False, with_model=self.state is None)
+        self._check_format(path, yaml.safe_load(state["config_yaml"]))
+        if self.state is not None:
+            self.state.load_state(path / DCP_DIR)  # collective; DCP reshards to this world size
+            how = f"DCP shards resharded to {self.world_size} rank(s)"
+        else:
+            model.load_state_dict(state["model"])
+            how = load_optimizer(optimizer, path, map_location=map_location)  # any world size, by parameter name
         scheduler.load_state_dict(state["trainer"]["scheduler"])
         for group, hyper in zip(optimizer.param_groups, fresh):
             group.update(hyper)
@@ -413,13 +478,13 @@ class CheckpointManager:
 
 
 # Settings a resume cannot change: they decide the shapes and meaning of the saved tensors (the
-# optimizer's state, its basis dtype, the accumulated-gradient buffers) or of the saved data
+# optimizer's state, its basis dtype and side, the accumulated-gradient buffers) or of the saved data
 # position (which files, how lines become sequences). The micro batch and loader workers may change
 # with the world size (checkpoint.allow_world_size_change); at the same world size the loader itself
 # refuses a position saved with another layout.
 FIXED_ON_RESUME = ("model.size", "data.tokenizer", "data.source", "data.seq_len", "data.packing", "optim.name",
                    "optim.rank", "optim.state_bits", "optim.basis_dtype", "optim.accumulate", "optim.subspace",
-                   "optim.moments", "optim.residual")
+                   "optim.moments", "optim.residual", "optim.proj_type")
 MODEL_FREE = ("activation_checkpointing", "init_std")  # model fields that change no weight on resume
 NOT_COMPARED = ("name", "checkpoint.resume", "log.run_dir")
 IGNORED_ON_RESUME = {"train.seed": "ignored: the checkpoint's RNG state continues"}

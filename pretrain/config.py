@@ -65,8 +65,9 @@ class TrainConfig:
     # state stays float32 (SubTrack++ keeps its bases float32). bfloat16 = pure-bf16 training as GaLore's 7B run
     # How a step is distributed (pretrain/strategies/): auto = single with one process, zero with more;
     # single | replicate (torch DDP, full optimizer per rank) | zero (optimizer state sharded by whole
-    # matrices, optim/sharded.py) | deepspeed (its engine at ZeRO stage 0; needs train.deepspeed)
-    parallelism: Literal["auto", "single", "replicate", "zero", "deepspeed"] = "auto"
+    # matrices, optim/sharded.py) | deepspeed (its engine at ZeRO stage 0; needs train.deepspeed) |
+    # fsdp (torch FSDP2: weights, gradients and optimizer state sharded by rows; DCP checkpoints)
+    parallelism: Literal["auto", "single", "replicate", "zero", "deepspeed", "fsdp"] = "auto"
     sharded_optimizer: bool | None = None  # old spelling, still read: true = parallelism zero, false = replicate
     deepspeed: str | None = None  # a DeepSpeed JSON (ZeRO stage 0, configs/deepspeed/): parallelism deepspeed
     replica_check_every: int = 0  # every N steps all ranks compare weight checksums (0: never); a debug aid
@@ -78,7 +79,8 @@ class TrainConfig:
     def resolve_parallelism(self, world_size: int) -> str:
         """The strategy name for `world_size` processes: train.parallelism with `auto` and the old keys
         (train.sharded_optimizer true/false = zero/replicate, train.deepspeed = deepspeed) resolved.
-        One process runs single unless DeepSpeed is asked for: there is nothing to replicate or shard."""
+        One process runs single unless DeepSpeed or fsdp is asked for (fsdp stays fsdp: its checkpoints
+        are DCP shards, which only fsdp reads)."""
         chosen = self.parallelism
         old = {True: "zero", False: "replicate", None: None}[self.sharded_optimizer]
         if self.deepspeed is not None:
@@ -93,11 +95,11 @@ class TrainConfig:
                 raise ConfigError("train.parallelism = deepspeed needs the engine's JSON: set train.deepspeed "
                                   "(--deepspeed configs/deepspeed/zero0.json)")
             return chosen
-        if world_size == 1:
+        if world_size == 1 and chosen != "fsdp":
             return "single"
         if chosen == "single":
             raise ConfigError(f"train.parallelism = single runs one process, but {world_size} were launched; "
-                              "choose replicate, zero or auto")
+                              "choose replicate, zero, fsdp or auto")
         return "zero" if chosen == "auto" else chosen
 
 
@@ -431,6 +433,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError(f"train.deepspeed = {t.deepspeed!r} is not a file; pass a DeepSpeed JSON such as "
                           "configs/deepspeed/zero0.json (or drop --deepspeed)")
     parallelism = t.resolve_parallelism(world_size)  # raises on contradicting keys
+    if parallelism == "fsdp":
+        check_fsdp(cfg)
     if cfg.optim.per_layer:
         if parallelism == "deepspeed":
             raise ConfigError("optim.per_layer steps each weight in its gradient hook, which the DeepSpeed engine "
@@ -455,6 +459,22 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     check_rank_fits(cfg, model)
+
+
+def check_fsdp(cfg: RunConfig) -> None:
+    """What train.parallelism fsdp cannot run: FSDP2 shards every weight by rows (Shard(0))."""
+    from optim.factory import PRESETS
+
+    if cfg.optim.per_layer:
+        raise ConfigError("optim.per_layer steps each weight in its gradient hook, before FSDP2 has reduce-scattered "
+                          "its gradient; set optim.per_layer: false or choose another train.parallelism")
+    if PRESETS[cfg.optim.name] is not None and cfg.optim.proj_type != "right":
+        raise ConfigError(f"optim.proj_type = {cfg.optim.proj_type!r} under train.parallelism fsdp: FSDP2 shards "
+                          "weights by rows, and only a right-side basis P (r x n) keeps the projection, the moments "
+                          "and recovery row-local; set --set optim.proj_type=right")
+    if cfg.train.replica_check_every:
+        raise ConfigError("train.replica_check_every compares full weight replicas, but under train.parallelism fsdp "
+                          "each rank holds its own shards; set train.replica_check_every=0")
 
 
 def check_rank_fits(cfg: RunConfig, model) -> None:

@@ -10,7 +10,7 @@
                  the signal is checked, collectively, every log_every steps), at the end
 
 How a step is distributed is the strategy's business (train.parallelism, pretrain/strategies/:
-single, replicate, zero, deepspeed): it wraps the model, builds the optimizer, runs backward and
+single, replicate, zero, deepspeed, fsdp): it wraps the model, builds the optimizer, runs backward and
 the reduce-clip-step, and says how the checkpoint holds the optimizer state. The loop names no mode.
 
 `train(cfg)` runs it in-process and returns a summary; `python -m pretrain` is the CLI.
@@ -128,7 +128,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     config_yaml, model_config_dict = config_to_yaml(cfg), dataclasses.asdict(model_cfg)  # fixed for the run
     accum = tc.grad_accum_steps(world)
     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: the norm is still measured, not applied
-    strategy = build_strategy(cfg, dist)  # train.parallelism: single | replicate | zero | deepspeed
+    strategy = build_strategy(cfg, dist)  # train.parallelism: single | replicate | zero | deepspeed | fsdp
     # bfloat16: pure-bf16 weights and gradients (GaLore's 7B recipe); optimizer bases/state stay float32
     model = build_model(model_cfg).to(device, dtype=getattr(torch, tc.param_dtype))
     optimizer = strategy.build_optimizer(model)

@@ -61,7 +61,7 @@ class Strategy:
 
     def checkpoint_manager(self, root, keep_last: int, say=print) -> CheckpointManager:
         return CheckpointManager(root, keep_last, rank=self.dist.rank, world_size=self.dist.world_size,
-                                 sharded=self.sharded_checkpoint, say=say)
+                                 sharded=self.sharded_checkpoint, mode=self.name, say=say)
 
     def close(self) -> None:
         """Undo what wrap() attached (hooks)."""
