@@ -146,13 +146,23 @@ def job(parallelism: str, run_dir, *overrides, **flags) -> dict:
     return {"overrides": [f"train.parallelism={parallelism}", f"log.run_dir={run_dir}", *overrides], **flags}
 
 
-def assert_same_trajectory(a: dict, b: dict):
+def assert_same_trajectory(a: dict, b: dict, code_flips: bool = False):
+    """code_flips (8-bit state): a gradient that differs in its last bit (reduce-scatter vs all-reduce) can
+    move an 8-bit moment to the neighbouring code; Adam then moves that element up to ~1e-3 apart (measured:
+    9 of 524288 embedding elements, 8.8e-4; 225 of lm_head's). Those (< 1e-3 of the elements) get 2e-3; the
+    rest WEIGHT_TOL. (With bit-identical gradients the 8-bit AdamW shards are bit-identical:
+    tests/test_fsdp_optimizer.py.)"""
     assert len(a["losses"]) == 10
     assert a["losses"] == pytest.approx(b["losses"], rel=LOSS_TOL, abs=0)
     assert a["weights"].keys() == b["weights"].keys()
     for name in a["weights"]:
-        torch.testing.assert_close(a["weights"][name], b["weights"][name], rtol=WEIGHT_TOL, atol=WEIGHT_ATOL,
-                                   msg=lambda m: f"{name}: {m}")
+        got, want = a["weights"][name], b["weights"][name]
+        if code_flips:
+            far = ~torch.isclose(got, want, rtol=WEIGHT_TOL, atol=WEIGHT_ATOL)
+            assert far.sum() <= 1e-3 * far.numel() and (got - want).abs().max() <= 2e-3, \
+                (name, int(far.sum()), float((got - want).abs().max()))
+        else:
+            torch.testing.assert_close(got, want, rtol=WEIGHT_TOL, atol=WEIGHT_ATOL, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +326,65 @@ def test_fsdp_in_one_process_without_a_launcher_trains_evaluates_and_saves_dcp(t
     assert is_dcp_checkpoint(summary["checkpoint"])
     state = load_checkpoint(summary["checkpoint"])
     assert state["trainer"]["step"] == 2 and any(k.endswith("exp_avg") for k in state["optimizer"])
+
+
+# ----------------------------------------------------------------------------- low-rank presets on the row shards
+
+RIGHT = ["optim.proj_type=right", "optim.rank=8", "optim.update_interval=3"]  # subspace updates at steps 0, 3, 6, 9
+PRESETS = {
+    "galore": ["optim.name=galore", *RIGHT],
+    "subtrack++": ["optim.name=subtrack++", *RIGHT],
+    # rank 32: the MLP's low-rank moments (176 x 32) are 8-bit; at 2 ranks each shard (88 x 32) is 11 whole blocks
+    "subtrack++8bit": ["optim.name=subtrack++", "optim.state_bits=8", *RIGHT[:1], "optim.rank=32", RIGHT[2]],
+}
+
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory):
+    """At 2 ranks, in one spawn: each preset under fsdp and under replicate, and subtrack++ resumed from its
+    fsdp step-5 checkpoint."""
+    tmp = tmp_path_factory.mktemp("presets")
+    jobs = [job(mode, tmp / f"{name}-{mode}", *PRESETS[name]) for name in PRESETS for mode in ("fsdp", "replicate")]
+    jobs.append(job("fsdp", tmp / "resumed", *PRESETS["subtrack++"],
+                    f"checkpoint.resume={tmp / 'subtrack++-fsdp' / 'checkpoints' / STEP5}"))
+    runs = run_loops(2, jobs)
+    out = {f"{name}-{mode}": run for (name, mode), run in zip([(n, m) for n in PRESETS for m in ("fsdp", "replicate")],
+                                                               runs)}
+    return {**out, "resumed": runs[-1], "tmp": tmp}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_low_rank_presets_under_fsdp_equal_replicate_with_right_projection(presets, name):
+    fsdp, ddp = presets[f"{name}-fsdp"], presets[f"{name}-replicate"]
+    assert fsdp["summary"]["mode"] == "fsdp" and "RowShardedSubTrack" in fsdp["summary"]["strategy"]
+    assert_same_trajectory(fsdp, ddp, code_flips=name.endswith("8bit"))
+
+
+def test_low_rank_fsdp_resume_continues_the_losses_and_loads_every_tensor_at_one_and_three_ranks(presets, tmp_path):
+    """subtrack++ (bases, rotated moments, limiter norms, counters): resumed at 2 ranks the losses continue;
+    at 1 and 3 ranks every weight and optimizer-state tensor loads exactly (the rows resharded)."""
+    from pretrain.dcp_state import load_full
+
+    run, resumed = presets["subtrack++-fsdp"], presets["resumed"]
+    assert resumed["summary"]["start_step"] == 5
+    assert resumed["losses"] == pytest.approx(run["losses"][5:], rel=LOSS_TOL, abs=0)
+    checkpoint = presets["tmp"] / "subtrack++-fsdp" / "checkpoints" / STEP5
+    saved = {f"model.{k}": v for k, v in load_full(checkpoint / "dcp", "model.").items()}
+    saved.update({f"optim.{k}": v for k, v in load_full(checkpoint / "dcp", "optim.").items()})
+    assert any(k.endswith(".basis") for k in saved) and any(k.endswith(".limiter_norm") for k in saved)
+    resume = [*PRESETS["subtrack++"], f"checkpoint.resume={checkpoint}", "checkpoint.allow_world_size_change=true",
+              "train.max_steps=6"]
+    one = run_loops(1, [job("fsdp", tmp_path / "one", *resume, capture_load=True)])[0]
+    three = run_loops(3, [job("fsdp", tmp_path / "three", *resume, capture_load=True)])[0]
+    for world, loaded in ((1, one["loaded"]), (3, three["loaded"])):
+        assert loaded.keys() == saved.keys()
+        bad = [name for name, tensor in loaded.items() if not torch.equal(tensor, saved[name])]
+        assert not bad, (world, bad)
+
+
+@pytest.mark.parametrize("name", ["galore", "subtrack++"])
+def test_low_rank_presets_under_fsdp_equal_replicate_at_three_ranks_with_uneven_shards(name, tmp_path):
+    fsdp, ddp = run_loops(3, [job("fsdp", tmp_path / "fsdp", *PRESETS[name]),
+                              job("replicate", tmp_path / "ddp", *PRESETS[name])])
+    assert_same_trajectory(fsdp, ddp)

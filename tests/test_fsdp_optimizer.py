@@ -108,7 +108,8 @@ def test_row_shards_step_like_whole_weights(preset, world_size):
     results = run_distributed(_run, world_size, preset)
     # 8-bit: a sum that differs in its last bit (all-reduced in another order) can move a moment element
     # to the neighbouring code, ~1% of its block's absmax; its weight then moves by lr x that much more
-    weight_tol, moment_tol = (1e-3, 2e-2) if preset.endswith("8bit") else (1e-5, 1e-4)
+    # (bitsandbytes' own 8-bit AdamW has no sums: its shards are bit-identical to the whole tensor's update)
+    weight_tol, moment_tol = (1e-3, 2e-2) if preset == "subtrack++8bit" else (1e-5, 1e-4)
     for rank, out in enumerate(results):
         for name, (got, want) in out["weights"].items():
             assert _close(got, want, weight_tol), (rank, name, (got - want).abs().max())

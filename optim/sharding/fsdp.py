@@ -28,6 +28,8 @@ again within the new local shards (exactly the saved codes when the shards are t
 """
 from __future__ import annotations
 
+from itertools import chain
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
@@ -106,17 +108,19 @@ class RowShardedSubTrack(SubTrackAdamW):
     def load_state_dict(self, state_dict: dict) -> None:
         """Accepts `state_dict()`'s form at any number of processes (DCP resharded the rows): each row
         state back to local rows, 8-bit moments quantized within this process's shard."""
-        params = [p for g in self.param_groups for p in g["params"]]
+        # saved id (an index, or a name under DCP's get/set_state_dict) -> parameter, by position as torch does
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        param_of = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
         states = {}
-        for index, saved in state_dict["state"].items():
+        for saved_id, saved in state_dict["state"].items():
             state = dict(saved)
             for key in ROW_STATE:
                 if isinstance(state.get(key), DTensor):
                     state[key] = state[key].to_local()
-                if key in SIGNED and key in state and quant8.is_8bit(self.state[params[index]], key):
+                if key in SIGNED and key in state and quant8.is_8bit(self.state[param_of[saved_id]], key):
                     packed = quant8.pack(state[key], SIGNED[key])
                     state[key], state[key + quant8.ABSMAX_SUFFIX] = packed["codes"], packed["absmax"]
-            states[index] = state
+            states[saved_id] = state
         super().load_state_dict({**state_dict, "state": states})
 
 

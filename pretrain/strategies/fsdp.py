@@ -4,8 +4,8 @@ and backward and reduce-scatters (averages) its gradients. With gradient accumul
 last micro-batch reduce-scatters (`set_requires_gradient_sync`): the earlier ones sum into the
 unsharded gradients, as DDP's no_sync(), so the step sees the same mean gradient as `replicate`.
 
-adamw steps the DTensor shards directly (torch.optim.AdamW); the low-rank presets need the
-shard-local optimizer of optim/sharding/fsdp.py (right-side bases, pretrain/config.check_fsdp).
+adamw steps the DTensor shards directly (torch.optim.AdamW); 8-bit state and the low-rank presets
+use the row-shard optimizer of optim/sharding/fsdp.py (right-side bases, pretrain/config.check_fsdp).
 Checkpoints go through torch.distributed.checkpoint (pretrain/dcp_state.py): each rank writes
 its shards, and a resume reshards them to any world size.
 """
@@ -38,14 +38,9 @@ class FSDP(Strategy):
         for block in model.layers:  # one all-gather / reduce-scatter unit per block, then the rest at the root
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
-        optim = self.cfg.optim
-        if optim.name == "adamw" and optim.state_bits == 32:
-            from optim.factory import build_optimizer
-
-            return build_optimizer(model, optim)  # torch AdamW steps the DTensor shards as they are
         from optim.sharding.fsdp import build_fsdp_optimizer
 
-        return build_fsdp_optimizer(model, optim, dist)
+        return build_fsdp_optimizer(model, self.cfg.optim)  # torch AdamW for adamw, else the row-shard optimizer
 
     def accumulating(self, last: bool):
         self.model.set_requires_gradient_sync(last)  # reduce-scatter the accumulated sum once, at the last
