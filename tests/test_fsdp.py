@@ -1,12 +1,12 @@
-"""train.parallelism fsdp (torch FSDP2, gloo, CPU, float32, nano model): the trajectory of the
-replicate (DDP) strategy on the same ranks, at 2 and at 3 processes (uneven shards); DCP
-checkpoints that resume exactly at the same world size and load every tensor exactly at others;
-activation checkpointing; a failed save; `models.hf export` of a DCP checkpoint.
+"""train.parallelism fsdp (torch FSDP2, gloo, CPU, float32, nano model): adamw, galore, subtrack++ and
+subtrack++ 8-bit follow the trajectory of the replicate (DDP) strategy on the same ranks with the same
+right projection, at 2 and at 3 processes (uneven shards); DCP checkpoints resume exactly at the same
+world size and load every tensor exactly at others; activation checkpointing; a failed save;
+`models.hf export` of a DCP checkpoint.
 
 `run_loops(world_size, jobs)` runs several training runs in one spawn of `world_size` ranks (the
-imports dominate a nano run); `run_loop(parallelism, world_size, optim_overrides)` is one run. Each
-returns per-step losses and the final full weights gathered from the live model, so an optimizer
-preset is one more parametrize case: `run_loop("fsdp", 2, ["optim.name=subtrack++", ...])`.
+imports dominate a nano run; the fixtures `two` and `others` make three spawns in all). Each run
+returns per-step losses and the final full weights gathered from the live model.
 
 Replicate and fsdp both average the gradients over ranks (all-reduce vs reduce-scatter of the same
 two or three partial sums) and accumulate micro-batches locally first, so they agree up to the
@@ -135,13 +135,6 @@ def run_loops(world_size: int, jobs: list[dict], config_text: str = NANO_ADAMW) 
     return results
 
 
-def run_loop(parallelism: str, world_size: int, optim_overrides=(), overrides=(), *, run_dir) -> dict:
-    """One run of NANO_ADAMW under train.parallelism `parallelism`: {"losses", "weights", "summary"}."""
-    job = {"overrides": [f"train.parallelism={parallelism}", f"log.run_dir={run_dir}", *optim_overrides,
-                         *overrides]}
-    return run_loops(world_size, [job])[0]
-
-
 def job(parallelism: str, run_dir, *overrides, **flags) -> dict:
     return {"overrides": [f"train.parallelism={parallelism}", f"log.run_dir={run_dir}", *overrides], **flags}
 
@@ -165,20 +158,70 @@ def assert_same_trajectory(a: dict, b: dict, code_flips: bool = False):
             torch.testing.assert_close(got, want, rtol=WEIGHT_TOL, atol=WEIGHT_ATOL, msg=lambda m: f"{name}: {m}")
 
 
+RIGHT = ["optim.proj_type=right", "optim.rank=8", "optim.update_interval=3"]  # subspace updates at steps 0, 3, 6, 9
+PRESETS = {  # low-rank presets on the row shards, each against replicate with the same right projection
+    "galore": ["optim.name=galore", *RIGHT],
+    "subtrack++": ["optim.name=subtrack++", *RIGHT],
+    # rank 32: the MLP's low-rank moments (176 x 32) are 8-bit; at 2 ranks each shard (88 x 32) is 11 whole blocks
+    "subtrack++8bit": ["optim.name=subtrack++", "optim.state_bits=8", *RIGHT[:1], "optim.rank=32", RIGHT[2]],
+}
+RESUME_ANYWHERE = ["checkpoint.allow_world_size_change=true", "train.max_steps=6", "capture"]
+
+
+def _jobs(tmp, spec: dict) -> tuple[list, list]:
+    """spec: label -> (parallelism, overrides); "capture" in overrides: capture the state a resume loads."""
+    jobs = [job(mode, tmp / label, *[o for o in overrides if o != "capture"], capture_load="capture" in overrides)
+            for label, (mode, overrides) in spec.items()]
+    return list(spec), jobs
+
+
+def _spawn(world_size: int, tmp, spec: dict) -> dict:
+    labels, jobs = _jobs(tmp, spec)
+    return dict(zip(labels, run_loops(world_size, jobs)))
+
+
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    """At 2 ranks, in one spawn: fsdp, replicate, fsdp resumed from its step 5, fsdp with activation
-    checkpointing, and a run whose second save fails on rank 1."""
+    """At 2 ranks, in one spawn: adamw under fsdp and replicate, fsdp resumed from its step 5, with activation
+    checkpointing, a run whose second save fails on rank 1; each low-rank preset under fsdp and replicate,
+    and subtrack++ resumed from its fsdp step 5."""
     tmp = tmp_path_factory.mktemp("fsdp2")
-    runs = run_loops(2, [
-        job("fsdp", tmp / "fsdp"),
-        job("replicate", tmp / "ddp"),
-        job("fsdp", tmp / "resumed", f"checkpoint.resume={tmp / 'fsdp' / 'checkpoints' / STEP5}"),
-        job("fsdp", tmp / "ac", "model.activation_checkpointing=true"),
-        job("fsdp", tmp / "crash", "train.max_steps=4", "checkpoint.every=2", "train.warmup_steps=1",
-            fail_dcp_write_on_rank=1, expect_error=True),
-    ])
-    return dict(zip(("fsdp", "ddp", "resumed", "ac", "crash"), runs), tmp=tmp)
+    spec = {"fsdp": ("fsdp", []), "ddp": ("replicate", []),
+            "resumed": ("fsdp", [f"checkpoint.resume={tmp / 'fsdp' / 'checkpoints' / STEP5}"]),
+            "ac": ("fsdp", ["model.activation_checkpointing=true"])}
+    for name, overrides in PRESETS.items():
+        spec.update({f"{name}-fsdp": ("fsdp", overrides), f"{name}-replicate": ("replicate", overrides)})
+    spec["subtrack++-resumed"] = ("fsdp", [*PRESETS["subtrack++"],
+                                           f"checkpoint.resume={tmp / 'subtrack++-fsdp' / 'checkpoints' / STEP5}"])
+    labels, jobs = _jobs(tmp, spec)
+    jobs.append(job("fsdp", tmp / "crash", "train.max_steps=4", "checkpoint.every=2", "train.warmup_steps=1",
+                    fail_dcp_write_on_rank=1, expect_error=True))
+    return {**dict(zip([*labels, "crash"], run_loops(2, jobs))), "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def others(two, tmp_path_factory):
+    """At 1 rank (one spawn) and at 3 ranks (another: uneven shards, nano's 64 / 176 / 8192 rows): the 2-rank
+    step-5 checkpoints of adamw and subtrack++ resumed, capturing what they load; at 3 ranks also adamw,
+    galore and subtrack++ under fsdp and replicate."""
+    tmp = tmp_path_factory.mktemp("fsdp13")
+    resumes = {"adamw-resumed": ("fsdp", [f"checkpoint.resume={two['tmp'] / 'fsdp' / 'checkpoints' / STEP5}",
+                                          *RESUME_ANYWHERE]),
+               "subtrack++-resumed": ("fsdp", [*PRESETS["subtrack++"], *RESUME_ANYWHERE, "checkpoint.resume="
+                                               f"{two['tmp'] / 'subtrack++-fsdp' / 'checkpoints' / STEP5}"])}
+    three = {"adamw-fsdp": ("fsdp", []), "adamw-replicate": ("replicate", [])}
+    for name in ("galore", "subtrack++"):
+        three.update({f"{name}-fsdp": ("fsdp", PRESETS[name]), f"{name}-replicate": ("replicate", PRESETS[name])})
+    return {1: _spawn(1, tmp / "one", resumes), 3: _spawn(3, tmp / "three", {**three, **resumes})}
+
+
+def saved_full(checkpoint) -> dict:
+    """Every tensor of a DCP checkpoint, whole, named as full_state names them."""
+    from pretrain.dcp_state import load_full
+
+    saved = {f"model.{k}": v for k, v in load_full(checkpoint / "dcp", "model.").items()}
+    saved.update({f"optim.{k}": v for k, v in load_full(checkpoint / "dcp", "optim.").items()})
+    return saved
 
 
 def test_fsdp_adamw_equals_replicate_on_two_ranks(two):
@@ -218,31 +261,43 @@ def test_failed_dcp_write_on_one_rank_keeps_the_previous_checkpoint(two):
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]  # no staging directory left
 
 
-def test_fsdp_at_other_world_sizes_loads_every_tensor_exactly_and_three_ranks_equal_replicate(two, tmp_path):
-    """Resumed at 1 and at 3 ranks, the 2-rank step-5 checkpoint's weights and AdamW moments load
-    exactly (gathered from the shards each rank holds after the load). At 3 ranks the shards are
-    uneven (nano: hidden 64, intermediate 176, vocab a multiple of 64: none divisible by 3)."""
+@pytest.mark.parametrize("name", ["adamw", "subtrack++"])
+def test_fsdp_checkpoint_loads_every_tensor_exactly_at_one_and_three_ranks(two, others, name):
+    """Resumed at 1 and at 3 ranks (checkpoint.allow_world_size_change), the 2-rank step-5 checkpoint's weights
+    and optimizer state (AdamW moments; SubTrack++'s row moments, bases, limiter norms and counters) load
+    exactly: gathered from the shards each rank holds after the load, against the checkpoint's full tensors."""
     from pretrain.checkpoint import load_checkpoint
-    from pretrain.dcp_state import load_full
 
-    checkpoint = two["tmp"] / "fsdp" / "checkpoints" / STEP5
-    saved = {f"model.{k}": v for k, v in load_full(checkpoint / "dcp", "model.").items()}
-    saved.update({f"optim.{k}": v for k, v in load_full(checkpoint / "dcp", "optim.").items()})
+    checkpoint = two["tmp"] / ("fsdp" if name == "adamw" else f"{name}-fsdp") / "checkpoints" / STEP5
+    saved = saved_full(checkpoint)
     assert any(k.endswith("exp_avg_sq") for k in saved)
+    if name == "subtrack++":
+        assert any(k.endswith(".basis") for k in saved) and any(k.endswith(".limiter_norm") for k in saved)
     assert load_checkpoint(checkpoint, with_optimizer=False)["model"].keys() == {k[6:] for k in saved
                                                                                   if k.startswith("model.")}
-    resume = [f"checkpoint.resume={checkpoint}", "checkpoint.allow_world_size_change=true", "train.max_steps=6"]
-    one = run_loops(1, [job("fsdp", tmp_path / "one", *resume, capture_load=True)])[0]
-    three_fsdp, three_ddp, three = run_loops(3, [
-        job("fsdp", tmp_path / "fsdp3"), job("replicate", tmp_path / "ddp3"),
-        job("fsdp", tmp_path / "three", *resume, capture_load=True)])
-    assert one["summary"]["mode"] == three["summary"]["mode"] == "fsdp"
-    for world, loaded in ((1, one["loaded"]), (3, three["loaded"])):
-        assert loaded.keys() == saved.keys()
-        bad = {name: (tensor - saved[name]).abs().max().item() for name, tensor in loaded.items()
-               if not torch.equal(tensor, saved[name])}
+    for world in (1, 3):
+        run = others[world][f"{name}-resumed"]
+        assert run["summary"]["mode"] == "fsdp" and run["loaded"].keys() == saved.keys()
+        bad = {k: (t - saved[k]).abs().max().item() for k, t in run["loaded"].items() if not torch.equal(t, saved[k])}
         assert not bad, (world, bad)
-    assert_same_trajectory(three_fsdp, three_ddp)
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore", "subtrack++"])
+def test_fsdp_equals_replicate_at_three_ranks_with_uneven_shards(others, name):
+    assert_same_trajectory(others[3][f"{name}-fsdp"], others[3][f"{name}-replicate"])
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_low_rank_presets_under_fsdp_equal_replicate_with_right_projection(two, name):
+    fsdp, ddp = two[f"{name}-fsdp"], two[f"{name}-replicate"]
+    assert fsdp["summary"]["mode"] == "fsdp" and "RowShardedSubTrack" in fsdp["summary"]["strategy"]
+    assert_same_trajectory(fsdp, ddp, code_flips=name.endswith("8bit"))
+
+
+def test_low_rank_fsdp_resume_at_two_ranks_continues_the_losses(two):
+    run, resumed = two["subtrack++-fsdp"], two["subtrack++-resumed"]
+    assert resumed["summary"]["start_step"] == 5
+    assert resumed["losses"] == pytest.approx(run["losses"][5:], rel=LOSS_TOL, abs=0)
 
 
 def test_models_hf_export_of_a_dcp_checkpoint_gives_the_model_weights(two, tmp_path):
@@ -327,64 +382,3 @@ def test_fsdp_in_one_process_without_a_launcher_trains_evaluates_and_saves_dcp(t
     state = load_checkpoint(summary["checkpoint"])
     assert state["trainer"]["step"] == 2 and any(k.endswith("exp_avg") for k in state["optimizer"])
 
-
-# ----------------------------------------------------------------------------- low-rank presets on the row shards
-
-RIGHT = ["optim.proj_type=right", "optim.rank=8", "optim.update_interval=3"]  # subspace updates at steps 0, 3, 6, 9
-PRESETS = {
-    "galore": ["optim.name=galore", *RIGHT],
-    "subtrack++": ["optim.name=subtrack++", *RIGHT],
-    # rank 32: the MLP's low-rank moments (176 x 32) are 8-bit; at 2 ranks each shard (88 x 32) is 11 whole blocks
-    "subtrack++8bit": ["optim.name=subtrack++", "optim.state_bits=8", *RIGHT[:1], "optim.rank=32", RIGHT[2]],
-}
-
-
-
-@pytest.fixture(scope="module")
-def presets(tmp_path_factory):
-    """At 2 ranks, in one spawn: each preset under fsdp and under replicate, and subtrack++ resumed from its
-    fsdp step-5 checkpoint."""
-    tmp = tmp_path_factory.mktemp("presets")
-    jobs = [job(mode, tmp / f"{name}-{mode}", *PRESETS[name]) for name in PRESETS for mode in ("fsdp", "replicate")]
-    jobs.append(job("fsdp", tmp / "resumed", *PRESETS["subtrack++"],
-                    f"checkpoint.resume={tmp / 'subtrack++-fsdp' / 'checkpoints' / STEP5}"))
-    runs = run_loops(2, jobs)
-    out = {f"{name}-{mode}": run for (name, mode), run in zip([(n, m) for n in PRESETS for m in ("fsdp", "replicate")],
-                                                               runs)}
-    return {**out, "resumed": runs[-1], "tmp": tmp}
-
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_low_rank_presets_under_fsdp_equal_replicate_with_right_projection(presets, name):
-    fsdp, ddp = presets[f"{name}-fsdp"], presets[f"{name}-replicate"]
-    assert fsdp["summary"]["mode"] == "fsdp" and "RowShardedSubTrack" in fsdp["summary"]["strategy"]
-    assert_same_trajectory(fsdp, ddp, code_flips=name.endswith("8bit"))
-
-
-def test_low_rank_fsdp_resume_continues_the_losses_and_loads_every_tensor_at_one_and_three_ranks(presets, tmp_path):
-    """subtrack++ (bases, rotated moments, limiter norms, counters): resumed at 2 ranks the losses continue;
-    at 1 and 3 ranks every weight and optimizer-state tensor loads exactly (the rows resharded)."""
-    from pretrain.dcp_state import load_full
-
-    run, resumed = presets["subtrack++-fsdp"], presets["resumed"]
-    assert resumed["summary"]["start_step"] == 5
-    assert resumed["losses"] == pytest.approx(run["losses"][5:], rel=LOSS_TOL, abs=0)
-    checkpoint = presets["tmp"] / "subtrack++-fsdp" / "checkpoints" / STEP5
-    saved = {f"model.{k}": v for k, v in load_full(checkpoint / "dcp", "model.").items()}
-    saved.update({f"optim.{k}": v for k, v in load_full(checkpoint / "dcp", "optim.").items()})
-    assert any(k.endswith(".basis") for k in saved) and any(k.endswith(".limiter_norm") for k in saved)
-    resume = [*PRESETS["subtrack++"], f"checkpoint.resume={checkpoint}", "checkpoint.allow_world_size_change=true",
-              "train.max_steps=6"]
-    one = run_loops(1, [job("fsdp", tmp_path / "one", *resume, capture_load=True)])[0]
-    three = run_loops(3, [job("fsdp", tmp_path / "three", *resume, capture_load=True)])[0]
-    for world, loaded in ((1, one["loaded"]), (3, three["loaded"])):
-        assert loaded.keys() == saved.keys()
-        bad = [name for name, tensor in loaded.items() if not torch.equal(tensor, saved[name])]
-        assert not bad, (world, bad)
-
-
-@pytest.mark.parametrize("name", ["galore", "subtrack++"])
-def test_low_rank_presets_under_fsdp_equal_replicate_at_three_ranks_with_uneven_shards(name, tmp_path):
-    fsdp, ddp = run_loops(3, [job("fsdp", tmp_path / "fsdp", *PRESETS[name]),
-                              job("replicate", tmp_path / "ddp", *PRESETS[name])])
-    assert_same_trajectory(fsdp, ddp)

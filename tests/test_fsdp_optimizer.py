@@ -96,16 +96,27 @@ def _run(preset: str):
     return out
 
 
+def _run_presets(presets: list) -> dict:
+    return {preset: _run(preset) for preset in presets}  # one spawn for all: the imports dominate
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Per world size, rank by rank: every preset's results (8-bit only at 2 ranks, see the skip below)."""
+    return {2: run_distributed(_run_presets, 2, list(PRESETS), timeout=240),
+            3: run_distributed(_run_presets, 3, [p for p in PRESETS if not p.endswith("8bit")], timeout=240)}
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
     return bool((a - b).abs().max() <= rtol * b.abs().max().clamp_min(1e-12))
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_row_shards_step_like_whole_weights(preset, world_size):
+def test_row_shards_step_like_whole_weights(runs, preset, world_size):
     if world_size == 3 and preset.endswith("8bit"):
         pytest.skip("8-bit blocks are cut per local shard: at uneven splits they differ from the whole moment's")
-    results = run_distributed(_run, world_size, preset)
+    results = [by_preset[preset] for by_preset in runs[world_size]]
     # 8-bit: a sum that differs in its last bit (all-reduced in another order) can move a moment element
     # to the neighbouring code, ~1% of its block's absmax; its weight then moves by lr x that much more
     # (bitsandbytes' own 8-bit AdamW has no sums: its shards are bit-identical to the whole tensor's update)
@@ -125,11 +136,11 @@ def test_row_shards_step_like_whole_weights(preset, world_size):
                 assert torch.equal(loaded, saved), key
 
 
-def test_a_normal_step_issues_one_all_reduce_and_an_update_step_three():
+def test_a_normal_step_issues_one_all_reduce_and_an_update_step_three(runs):
     """Steps 1, 2, 4, ... of subtrack++: the limiter's one all-reduce; steps 3, 6, 9 (geodesic updates): two
     more; step 0: each projected weight's gradient gathered once for its first SVD. galore: none but its SVD
     refreshes' gathers."""
-    subtrack, galore = run_distributed(_run, 2, "subtrack++")[0], run_distributed(_run, 2, "galore")[0]
+    subtrack, galore = runs[2][0]["subtrack++"], runs[2][0]["galore"]
     projected = sum(".layers." in n for n in SHAPES)
     for step, counts in enumerate(subtrack["collectives"]):
         all_reduces = sum(v for k, v in counts.items() if "all_reduce" in str(k) or "allreduce" in str(k))
