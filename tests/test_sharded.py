@@ -57,21 +57,21 @@ def checksum(model):
 def count_subspace_calls():
     """Count first-basis SVDs and geodesic steps (the optimizer calls them through the module)."""
     calls = {"svd": 0, "geodesic": 0}
-    real_svd, real_geo = grassmann.initial_basis, grassmann.grassmann_update
+    real_svd, real_geo = grassmann.initial_basis, grassmann.grassmann_update_steps
 
     def svd(*a, **k):
         calls["svd"] += 1
         return real_svd(*a, **k)
 
-    def geo(*a, **k):
+    def geo(*a, **k):  # a generator of sums, as the one it wraps
         calls["geodesic"] += 1
-        return real_geo(*a, **k)
+        return (yield from real_geo(*a, **k))
 
-    grassmann.initial_basis, grassmann.grassmann_update = svd, geo
+    grassmann.initial_basis, grassmann.grassmann_update_steps = svd, geo
     try:
         yield calls
     finally:
-        grassmann.initial_basis, grassmann.grassmann_update = real_svd, real_geo
+        grassmann.initial_basis, grassmann.grassmann_update_steps = real_svd, real_geo
 
 
 def train(model, opt, start, stop, *, rank=0, world=1, forward=None, clip=None, save_dir=None, stats=None):
