@@ -30,7 +30,9 @@ class DCPState:
 
     def _state(self) -> dict:
         # get_state_dict initialises an empty optimizer state with a zero-gradient step at lr 0 (torch's
-        # _init_optim_state), so a fresh optimizer can be the template of a load.
+        # _init_optim_state), so a fresh optimizer can be the template of a load. Only torch's AdamW takes
+        # it: SubTrackAdamW creates its state at construction, and a subspace method must never see a
+        # zero gradient as a real one (it would compute a basis from it).
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
