@@ -471,7 +471,8 @@ def check_fsdp(cfg: RunConfig) -> None:
     if PRESETS[cfg.optim.name] is not None and cfg.optim.proj_type != "right":
         raise ConfigError(f"optim.proj_type = {cfg.optim.proj_type!r} under train.parallelism fsdp: FSDP2 shards "
                           "weights by rows, and only a right-side basis P (r x n) keeps the projection, the moments "
-                          "and recovery row-local; set --set optim.proj_type=right")
+                          "and recovery row-local; add --set optim.proj_type=right (or optim.proj_type: right in "
+                          "the config)")
     if cfg.train.replica_check_every:
         raise ConfigError("train.replica_check_every compares full weight replicas, but under train.parallelism fsdp "
                           "each rank holds its own shards; set train.replica_check_every=0")
