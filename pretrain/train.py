@@ -105,13 +105,14 @@ def train(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (losses, steps, where the run and its last checkpoint are)."""
     dist = distributed.setup(cfg.train.device)
     try:
-        with locked_run_dir(cfg.run_dir, dist.rank, dist.world_size), StopRequest() as stop:  # one job per run dir
-            return _train(cfg, dist, stop)
+        with locked_run_dir(cfg.run_dir, dist.rank, dist.world_size), StopRequest() as stop, \
+                contextlib.ExitStack() as on_exit:  # one job per run dir; on_exit: the strategy's close()
+            return _train(cfg, dist, stop, on_exit)
     finally:
         distributed.cleanup(dist)  # only a group setup() joined: a caller's own group stays usable
 
 
-def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dict:
+def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exit: contextlib.ExitStack) -> dict:
     from data.loader import build_tokenizer, build_train_loader, build_val_batches, describe_remap, remap_train_state
     from models.sizes import build_model, count_parameters, flops_per_token
     from pretrain.strategies import build_strategy
@@ -129,6 +130,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
     accum = tc.grad_accum_steps(world)
     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: the norm is still measured, not applied
     strategy = build_strategy(cfg, dist)  # train.parallelism: single | replicate | zero | deepspeed | fsdp
+    on_exit.callback(strategy.close)  # after the run, or an error: hooks removed, a group of its own left
     # bfloat16: pure-bf16 weights and gradients (GaLore's 7B recipe); optimizer bases/state stay float32
     model = build_model(model_cfg).to(device, dtype=getattr(torch, tc.param_dtype))
     optimizer = strategy.build_optimizer(model)
@@ -326,7 +328,6 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest) -> dic
             progress.write(f"step {step:>7d} | checkpoint {last_saved}" + (f" (stopped: {stopped_by})" if stopped_by else ""))
         else:  # nothing trained since the checkpoint we resumed from
             last_saved = str(resume_from)
-    strategy.close()
     progress.close()
     metrics.close()
     return {

@@ -382,3 +382,23 @@ def test_fsdp_in_one_process_without_a_launcher_trains_evaluates_and_saves_dcp(t
     state = load_checkpoint(summary["checkpoint"])
     assert state["trainer"]["step"] == 2 and any(k.endswith("exp_avg") for k in state["optimizer"])
 
+
+
+def test_a_one_process_fsdp_run_that_fails_leaves_no_process_group(tmp_path, monkeypatch):
+    """The strategy's own one-rank group is left on an error too (train's exit stack closes the strategy),
+    so a later run in the same process starts clean."""
+    import torch.distributed as dist
+
+    from pretrain.config import load_config
+    from pretrain.strategies.fsdp import FSDP
+    from pretrain.train import train
+
+    def failing_step(self, max_norm):
+        raise RuntimeError("planted failure in the step")
+
+    monkeypatch.setattr(FSDP, "step", failing_step)
+    config = tmp_path / "nano.yaml"
+    config.write_text(NANO_ADAMW)
+    with pytest.raises(RuntimeError, match="planted failure"):
+        train(load_config(str(config), ["train.parallelism=fsdp", f"log.run_dir={tmp_path / 'run'}"], world_size=1))
+    assert not dist.is_initialized()
