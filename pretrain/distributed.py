@@ -76,12 +76,17 @@ def setup(device_preference: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
-def cleanup(info: DistInfo | None = None) -> None:
+def cleanup(info: DistInfo | None = None, together: bool = False) -> None:
     """Leave the process group: the one `info`'s setup() created, or (no `info`) whatever group there is.
 
     A group the caller created before setup() stays, with whatever the caller (or DeepSpeed, which
-    caches its groups) built on it, so the caller can run train() again in the same processes."""
+    caches its groups) built on it, so the caller can run train() again in the same processes.
+    `together` (a run that ended normally on every rank): a barrier first, so no rank tears down its
+    connections, or rank 0 the rendezvous store it hosts, while a peer is still finishing its last
+    collective (a gloo peer can abort then)."""
     if dist.is_initialized() and (info is None or info.created_group):
+        if together and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

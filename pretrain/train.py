@@ -104,12 +104,15 @@ def seed_everything(seed: int) -> None:
 def train(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (losses, steps, where the run and its last checkpoint are)."""
     dist = distributed.setup(cfg.train.device)
+    finished = False
     try:
         with locked_run_dir(cfg.run_dir, dist.rank, dist.world_size), StopRequest() as stop, \
                 contextlib.ExitStack() as on_exit:  # one job per run dir; on_exit: the strategy's close()
-            return _train(cfg, dist, stop, on_exit)
-    finally:
-        distributed.cleanup(dist)  # only a group setup() joined: a caller's own group stays usable
+            summary = _train(cfg, dist, stop, on_exit)
+        finished = True
+        return summary
+    finally:  # only a group setup() joined: a caller's own group stays usable
+        distributed.cleanup(dist, together=finished)  # after an error a peer may be gone: no barrier
 
 
 def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exit: contextlib.ExitStack) -> dict:

@@ -115,7 +115,9 @@ def run_module(module: str, argv: list[str], world_size: int = 2, timeout: float
     port = free_port()
     procs = []
     for rank in range(world_size):
-        child_env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {}),
+        # faulthandler: a rank that aborts (SIGABRT in a C++ thread) prints its Python stacks
+        child_env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+                     **(env or {}),
                      **_torchrun_env(rank, world_size, port)}
         procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], cwd=cwd, env=child_env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
