@@ -387,3 +387,25 @@ def test_sigusr1_to_one_rank_saves_on_both_and_a_restarted_job_continues(tmp_pat
     steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
     assert steps[-2:] == [last + 1, last + 2]
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{last + 2:08d}"
+
+
+def _cleanup_job(together: bool) -> dict:
+    import torch.distributed as dist
+
+    from pretrain import distributed
+
+    barriers, barrier = [], dist.barrier
+    dist.barrier = lambda *args, **kwargs: (barriers.append(1), barrier(*args, **kwargs))[1]
+    try:
+        info = distributed.DistInfo(dist.get_rank(), 2, 0, torch.device("cpu"), created_group=True)
+        distributed.cleanup(info, together=together)
+    finally:
+        dist.barrier = barrier
+    return {"barriers": len(barriers), "left": not dist.is_initialized()}
+
+
+@pytest.mark.parametrize("together, barriers", [(True, 1), (False, 0)])
+def test_ranks_that_ended_normally_meet_before_leaving_the_group_and_failed_ones_do_not(together, barriers):
+    # a barrier after an error could wait on a rank that is gone
+    for out in run_distributed(_cleanup_job, 2, together):
+        assert out == {"barriers": barriers, "left": True}
