@@ -60,6 +60,16 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signum = signum
 
+    def agreed(self, world: int, device: torch.device) -> int | None:
+        """The signal to stop for, decided alike on every rank: with several ranks a collective (a signal
+        may reach one task only), and the answer is the reduced value alone. A signal that lands after the
+        reduce returned is left for the next check: re-reading the flag here would stop this rank while
+        its peers train on, each waiting for the other's collective."""
+        if world == 1:
+            return self.signum
+        reduced = int(distributed.all_reduce_max(torch.tensor([float(self.signum or 0)], device=device), world).item())
+        return reduced or None
+
 
 def autocast_context(dtype: str, device: torch.device):
     """bf16 autocast on CUDA for dtype auto/bfloat16; float32 (no autocast) on CPU unless bfloat16 is asked for."""
@@ -205,15 +215,6 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
     pending = []  # this rank's loss of each step since the last log, left on the device until then
     log_every = cfg.log.log_every
 
-    def stop_requested() -> bool:
-        """Collective with several ranks (every rank must see a signal that reached any of them: SLURM may
-        signal one task), so the loop asks at the same steps on every rank: every log_every steps."""
-        if world > 1:
-            signum = distributed.all_reduce_max(torch.tensor([float(stop.signum or 0)], device=device), world)
-            if signum.item() > 0 and stop.signum is None:
-                stop.signum = int(signum.item())
-        return stop.signum is not None
-
     def log_metrics(step: int, lr: float, grad_norm: torch.Tensor) -> None:
         """The one place the loop waits for the device between evaluations and checkpoints: the pending
         losses (all-reduced together), and the scalars of `step`; speed is the mean since the last log.
@@ -274,8 +275,9 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
     batches = iter(loader)
     while step < stop_at:
         # A stop is honoured within log_every steps with several ranks, at the next step with one.
-        if (world == 1 or step % log_every == 0) and stop_requested():
-            stopped_by = signal.Signals(stop.signum).name
+        # Collective with several ranks: asked at the same steps on every rank.
+        if (world == 1 or step % log_every == 0) and (signum := stop.agreed(world, device)):
+            stopped_by = signal.Signals(signum).name
             break
 
         # A failure in this step before the weights move (data, forward, backward) leaves the model and

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from pretrain import train as train_module
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint
@@ -102,3 +103,26 @@ def test_stop_request_records_signal_and_restores_handlers(signum):
         os.kill(os.getpid(), signum)
         assert stop.signum == signum
     assert signal.getsignal(signum) == before
+
+
+def test_ranks_agree_on_the_reduced_value_when_a_signal_lands_after_the_reduce(monkeypatch):
+    """With several ranks the stop decision is the all-reduced flag alone: a signal that reaches this
+    rank after the reduce returned (its peers saw no stop) waits for the next check, else this rank
+    would leave the loop while its peers train on and both hang in mismatched collectives."""
+    cpu = torch.device("cpu")
+    with train_module.StopRequest() as stop:
+        def reduce_then_signal(values, world_size):  # the peers' flags are 0; the signal lands just after
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return values
+
+        monkeypatch.setattr(train_module.distributed, "all_reduce_max", reduce_then_signal)
+        assert stop.agreed(2, cpu) is None  # the peers did not see it: neither does this rank, yet
+        assert stop.signum == signal.SIGUSR1
+        monkeypatch.setattr(train_module.distributed, "all_reduce_max", lambda values, world_size: values)
+        assert stop.agreed(2, cpu) == signal.SIGUSR1  # the next check carries it to every rank
+
+        stop.signum = None  # a peer's signal alone stops this rank too
+        monkeypatch.setattr(train_module.distributed, "all_reduce_max",
+                            lambda values, world_size: values.fill_(float(signal.SIGTERM)))
+        assert stop.agreed(2, cpu) == signal.SIGTERM
+        assert stop.agreed(1, cpu) is None  # one process: its own flag, no collective
