@@ -203,14 +203,14 @@ def two(tmp_path_factory):
 def others(two, tmp_path_factory):
     """At 1 rank (one spawn) and at 3 ranks (another: uneven shards, nano's 64 / 176 / 8192 rows): the 2-rank
     step-5 checkpoints of adamw and subtrack++ resumed, capturing what they load; at 3 ranks also adamw,
-    galore and subtrack++ under fsdp and replicate."""
+    galore, subtrack++ and subtrack++ 8-bit under fsdp and replicate."""
     tmp = tmp_path_factory.mktemp("fsdp13")
     resumes = {"adamw-resumed": ("fsdp", [f"checkpoint.resume={two['tmp'] / 'fsdp' / 'checkpoints' / STEP5}",
                                           *RESUME_ANYWHERE]),
                "subtrack++-resumed": ("fsdp", [*PRESETS["subtrack++"], *RESUME_ANYWHERE, "checkpoint.resume="
                                                f"{two['tmp'] / 'subtrack++-fsdp' / 'checkpoints' / STEP5}"])}
     three = {"adamw-fsdp": ("fsdp", []), "adamw-replicate": ("replicate", [])}
-    for name in ("galore", "subtrack++"):
+    for name in ("galore", "subtrack++", "subtrack++8bit"):
         three.update({f"{name}-fsdp": ("fsdp", PRESETS[name]), f"{name}-replicate": ("replicate", PRESETS[name])})
     return {1: _spawn(1, tmp / "one", resumes), 3: _spawn(3, tmp / "three", {**three, **resumes})}
 
@@ -285,6 +285,22 @@ def test_fsdp_checkpoint_loads_every_tensor_exactly_at_one_and_three_ranks(two, 
 @pytest.mark.parametrize("name", ["adamw", "galore", "subtrack++"])
 def test_fsdp_equals_replicate_at_three_ranks_with_uneven_shards(others, name):
     assert_same_trajectory(others[3][f"{name}-fsdp"], others[3][f"{name}-replicate"])
+
+
+def test_8bit_state_at_three_ranks_follows_replicate_within_its_block_quantization(others):
+    """Uneven shards with 8-bit state: each rank quantizes blockwise within its own rows (nano's 8192 / 3 and
+    176 / 3 rows cut the 256-element blocks elsewhere than the whole tensor's), so a block's absmax, and with
+    it the code of a small moment, differs from replicate's: no 1e-5 equality is possible without moving
+    moments between ranks. It runs, never hangs, and stays within that quantization's reach: measured 3.5e-4
+    relative on the losses; weights apart by at most 3e-4 in the blocks and norms, and by 6e-3 / 1.2e-2 in the
+    embedding / output head, whose rows of rarely-seen tokens have moments near zero (8-bit AdamW there)."""
+    fsdp, ddp = others[3]["subtrack++8bit-fsdp"], others[3]["subtrack++8bit-replicate"]
+    assert fsdp["summary"]["step"] == 10 and "RowShardedSubTrack" in fsdp["summary"]["strategy"]
+    assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-3, abs=0)
+    for name, want in ddp["weights"].items():
+        vocab_rows = name in ("embed_tokens.weight", "lm_head.weight")
+        assert (fsdp["weights"][name] - want).abs().max() <= (2e-2 if vocab_rows else 1e-3), name
+    assert fsdp["losses"] != ddp["losses"]  # the block cuts do differ (else the 1e-5 test above would apply)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
