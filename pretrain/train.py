@@ -274,8 +274,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
             run_evaluation(0)
     batches = iter(loader)
     while step < stop_at:
-        # A stop is honoured within log_every steps with several ranks, at the next step with one.
-        # Collective with several ranks: asked at the same steps on every rank.
+        # A stop is honoured at the next step with one process; with several, within log_every steps
+        # (a collective, so every rank asks at the same steps).
         if (world == 1 or step % log_every == 0) and (signum := stop.agreed(world, device)):
             stopped_by = signal.Signals(signum).name
             break
