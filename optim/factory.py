@@ -1,9 +1,15 @@
-"""Build an optimizer of the SubTrack++ family from a config.
+"""Build an optimizer of the SubTrack++ family, or a peer users compare it with, from a config.
 
-`OptimConfig` is the `optim` section of a run config; `PRESETS` names the methods
-(docs/architecture.md: a method is a subspace rule, a moment rule and a residual rule);
+`OptimConfig` is the `optim` section of a run config; `PRESETS` names the methods: the low-rank
+family (docs/architecture.md: a method is a subspace rule, a moment rule and a residual rule),
+AdamW and its 8-bit form, and torch's Muon and Adafactor on the matrices (optim/hybrid.py);
 `param_groups(model, ...)` decides which weights are projected; `build_optimizer`
 puts the two together.
+
+Every method keeps two lrs: `optim.lr` for the plain group (embeddings, norms, head) and
+`optim.lr x optim.matrix_lr_ratio` for the attention and MLP matrices (projected or not), so each
+method can be tuned on both knobs alike (a method that tolerates a high lr must not win through its
+embeddings alone).
 """
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ _DEFAULT = {o.field: o.config_default for o in PROJECTED if o.field}
 # `subtrack++paper` keeps the published method's recovery at the full lr.
 PRESETS: dict[str, dict | None] = {
     "adamw": None,  # no projected groups: torch.optim.AdamW itself
+    "adamw8bit": None,  # adamw with state_bits 8: bitsandbytes' blockwise 8-bit AdamW on every weight
+    "muon": None,  # torch.optim.Muon on the matrices, AdamW elsewhere (optim/hybrid.py)
+    "adafactor": None,  # torch.optim.Adafactor on the matrices, AdamW elsewhere (optim/hybrid.py)
     "galore": {"subspace": "svd", "moments": "keep", "residual": "drop", "scale_recovery": False},
     "fira": {"subspace": "svd", "moments": "keep", "residual": "recover", "scale_recovery": False},
     "subtrack": {"subspace": "grassmann", "moments": "keep", "residual": "drop", "scale_recovery": False},
@@ -31,6 +40,12 @@ PRESETS: dict[str, dict | None] = {
                         "scale_recovery": False},
 }
 PRESET_KEYS = ("subspace", "moments", "residual", "scale_recovery")  # null in optim: = the preset's
+LOW_RANK = tuple(name for name, preset in PRESETS.items() if preset is not None)
+# Torch's own optimizer for the matrices, with the group keys each gets from the config.
+# Muon: `match_rms_adamw` scales its orthogonalized update to AdamW's RMS (0.2 sqrt(max(m, n))), so
+# one lr serves both groups, as Moonshot's "Muon is scalable" recipe does.
+MATRIX_PEERS = {"muon": {"nesterov": True, "adjust_lr_fn": "match_rms_adamw"}, "adafactor": {}}
+DEFAULT_MOMENTUM = {"muon": 0.95, "adafactor": None}  # optim.momentum null: torch's default
 
 # Attention q/k/v/o and MLP gate/up/down weights are projected (names as docs/architecture.md).
 PROJECTED_NAME = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -40,7 +55,11 @@ PROJECTED_NAME = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(g
 class OptimConfig:
     """The `optim` section of a run config.
 
-    name: adamw | galore | fira | subtrack | subtrack++ | subtrack++paper.
+    name: adamw | adamw8bit | muon | adafactor | galore | fira | subtrack | subtrack++ | subtrack++paper.
+        adamw8bit is adamw with state_bits 8 (it sets state_bits).
+    matrix_lr_ratio: the matrices' lr as a multiple of lr (every method; the low-rank presets' update
+        is further multiplied by `scale`).
+    momentum: muon's momentum (null: 0.95) or adafactor's first moment (null: none, torch's default).
     rank / update_interval: None = not set; the run config fills them from the paper's value for
         the model size (models.PAPER_RANK), and a projected preset refuses to build without them.
     subspace / moments / residual: None takes the preset's choice; a value overrides it.
@@ -56,6 +75,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
     weight_decay: float = 0.0
+    matrix_lr_ratio: float = 1.0
+    momentum: float | None = None
     # The low-rank options: defaults, allowed values and docs in optim/options.py.
     rank: int | None = _DEFAULT["rank"]
     update_interval: int | None = _DEFAULT["update_interval"]
@@ -89,6 +110,19 @@ class OptimConfig:
             raise ValueError(f"optim.eps {self.eps} must be positive")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay {self.weight_decay} must be >= 0")
+        if isinstance(self.matrix_lr_ratio, (bool, str)) or not self.matrix_lr_ratio > 0:
+            raise ValueError(f"optim.matrix_lr_ratio {self.matrix_lr_ratio!r} must be a positive number "
+                             "(the matrices' lr as a multiple of optim.lr)")
+        if self.momentum is not None and (isinstance(self.momentum, (bool, str)) or not 0 <= self.momentum < 1):
+            raise ValueError(f"optim.momentum {self.momentum!r} must be in [0, 1) (or null for the method's default)")
+        if self.momentum is not None and self.name not in MATRIX_PEERS:
+            raise ValueError(f"optim.momentum is an option of {' and '.join(MATRIX_PEERS)}, not of "
+                             f"{self.name!r}; drop it (betas set Adam's moments)")
+        if self.name == "adamw8bit":
+            self.state_bits = 8
+        if self.name in MATRIX_PEERS and self.state_bits != 32:
+            raise ValueError(f"optim.state_bits {self.state_bits} with optim.name {self.name!r}: torch's "
+                             f"{self.name} keeps 32-bit state; use optim.name adamw8bit or a low-rank preset for 8-bit state")
         if isinstance(self.step_size, str) and self.step_size != "auto":
             try:  # YAML reads 1e4 (no dot) as a string
                 self.step_size = float(self.step_size)
@@ -128,53 +162,74 @@ def is_projected(name: str, param: torch.Tensor) -> bool:
 
 def param_groups(model: nn.Module, rank: int | None = None,
                  update_interval: int = option("update_proj_gap").default, scale: float = option("scale").default,
-                 **projected_options) -> list[dict]:
-    """Split `model`'s trainable parameters into a plain group and (when `rank` is given) a projected group.
+                 matrix_group: dict | None = None, **projected_options) -> list[dict]:
+    """Split `model`'s trainable parameters into a plain group and (when `rank` or `matrix_group` is
+    given) a group of the attention and MLP matrices.
 
     Each group carries `names` (parameter names, in the same order as `params`) so a sharded
-    wrapper can key state by name. The projected group carries galore-torch's keys
-    (`rank`, `update_proj_gap`, `scale`, `proj_type`) plus `projected_options`
-    (`step_size`, `subspace`, `moments`, `residual`, `accumulate`, ...).
+    wrapper can key state by name. With `rank` the matrices' group is projected: it carries
+    galore-torch's keys (`rank`, `update_proj_gap`, `scale`, `proj_type`) plus `projected_options`
+    (`step_size`, `subspace`, `moments`, `residual`, `accumulate`, ...). `matrix_group` holds keys
+    the matrices' group gets besides (its own `lr`, a `matrix_method` of optim/hybrid.py).
     Raises ValueError when `rank` exceeds min(m, n) of a projected weight.
     """
-    plain, projected = {"params": [], "names": []}, {"params": [], "names": []}
+    plain, matrices = {"params": [], "names": []}, {"params": [], "names": []}
+    split = rank is not None or matrix_group is not None
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        group = projected if rank is not None and is_projected(name, param) else plain
-        if group is projected:
+        group = matrices if split and is_projected(name, param) else plain
+        if group is matrices and rank is not None:
             check_rank(rank, param.shape, name, "lower optim.rank")
         group["params"].append(param)
         group["names"].append(name)
     groups = [g for g in (plain,) if g["params"]]
-    if projected["params"]:
-        projected.update(rank=int(rank), update_proj_gap=int(update_interval), scale=float(scale),
-                         **{"proj_type": option("proj_type").default, **projected_options})
-        groups.append(projected)
+    if matrices["params"]:
+        if rank is not None:
+            matrices.update(rank=int(rank), update_proj_gap=int(update_interval), scale=float(scale),
+                            **{"proj_type": option("proj_type").default, **projected_options})
+        matrices.update(matrix_group or {})
+        groups.append(matrices)
     return groups
+
+
+def matrix_group(cfg: OptimConfig) -> dict | None:
+    """The matrices' own group keys for `cfg`: their lr (optim.lr x matrix_lr_ratio) and, for muon and
+    adafactor, torch's optimizer and its keys; None when they share the plain group (adamw at ratio 1,
+    which keeps its one group, as checkpoints of earlier versions hold)."""
+    keys = {} if cfg.matrix_lr_ratio == 1 else {"lr": cfg.lr * cfg.matrix_lr_ratio}
+    if cfg.name in MATRIX_PEERS:
+        momentum = DEFAULT_MOMENTUM[cfg.name] if cfg.momentum is None else cfg.momentum
+        keys.update(lr=cfg.lr * cfg.matrix_lr_ratio, matrix_method=cfg.name, weight_decay=cfg.weight_decay,
+                    **MATRIX_PEERS[cfg.name])
+        if cfg.name == "muon" or momentum is not None:
+            keys["momentum"] = momentum
+    return keys or (None if cfg.choices() is None else {})
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, optimizer_class=None) -> torch.optim.Optimizer:
     """The optimizer `cfg` names, over `model`'s trainable parameters (every group has `names`).
 
     optimizer_class: SubTrackAdamW or a subclass (optim/sharding/fsdp.py's, for FSDP2's row shards); plain
-    32-bit AdamW is torch's own either way."""
+    32-bit AdamW is torch's own either way, muon and adafactor optim.hybrid.HybridOptimizer."""
+    from optim.hybrid import HybridOptimizer
     from optim.subtrack import SubTrackAdamW
 
     optimizer_class = optimizer_class or SubTrackAdamW
-    choices = cfg.choices()
+    choices, matrices = cfg.choices(), matrix_group(cfg)
+    adam = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name in MATRIX_PEERS:  # the plain group's AdamW keys, set here: the hybrid has no defaults
+        groups = param_groups(model, matrix_group=matrices)
+        return HybridOptimizer([g if "matrix_method" in g else {**g, **adam} for g in groups])
     if choices is None and cfg.state_bits == 8:  # no projected group: bitsandbytes' 8-bit AdamW on every weight
-        return optimizer_class(param_groups(model), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                               weight_decay=cfg.weight_decay, state_bits=8)
+        return optimizer_class(param_groups(model, matrix_group=matrices), **adam, state_bits=8)
     if choices is None:
         # AdamW keeps extra group keys such as `names` untouched.
-        return torch.optim.AdamW(param_groups(model), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(param_groups(model, matrix_group=matrices), **adam)
     for key in ("rank", "update_interval"):
         if getattr(cfg, key) is None:
             raise ValueError(f"optim.{key} is not set and model size has no paper default; set optim.{key} "
                              f"(optimizer {cfg.name!r} projects gradients and needs it)")
     groups = param_groups(model, rank=cfg.rank, update_interval=cfg.update_interval, scale=cfg.scale,
-                          **cfg.group_options())
-    return optimizer_class(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                           state_bits=cfg.state_bits)
+                          matrix_group=matrices, **cfg.group_options())
+    return optimizer_class(groups, **adam, state_bits=cfg.state_bits)

@@ -484,7 +484,8 @@ class CheckpointManager:
 # refuses a position saved with another layout.
 FIXED_ON_RESUME = ("model.size", "data.tokenizer", "data.source", "data.seq_len", "data.packing", "optim.name",
                    "optim.rank", "optim.state_bits", "optim.basis_dtype", "optim.accumulate", "optim.subspace",
-                   "optim.moments", "optim.residual", "optim.proj_type")
+                   "optim.moments", "optim.residual", "optim.proj_type",
+                   "optim.matrix_lr_ratio")  # ratio 1 keeps adamw in one group, any other splits it
 MODEL_FREE = ("activation_checkpointing", "init_std")  # model fields that change no weight on resume
 NOT_COMPARED = ("name", "checkpoint.resume", "log.run_dir")
 IGNORED_ON_RESUME = {"train.seed": "ignored: the checkpoint's RNG state continues"}

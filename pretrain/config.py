@@ -463,11 +463,16 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
 
 def check_fsdp(cfg: RunConfig) -> None:
     """What train.parallelism fsdp cannot run: FSDP2 shards every weight by rows (Shard(0))."""
-    from optim.factory import PRESETS
+    from optim.factory import MATRIX_PEERS, PRESETS
 
     if cfg.optim.per_layer:
         raise ConfigError("optim.per_layer steps each weight in its gradient hook, before FSDP2 has reduce-scattered "
                           "its gradient; set optim.per_layer: false or choose another train.parallelism")
+    if cfg.optim.name in MATRIX_PEERS:
+        raise ConfigError(f"optim.name {cfg.optim.name!r} under train.parallelism fsdp: torch's {cfg.optim.name} needs "
+                          "each matrix whole (Muon orthogonalizes the whole momentum, Adafactor's column statistics "
+                          "span every row), and FSDP2 keeps row shards; choose train.parallelism zero (whole-matrix "
+                          "ownership) or replicate")
     if PRESETS[cfg.optim.name] is not None and cfg.optim.proj_type != "right":
         raise ConfigError(f"optim.proj_type = {cfg.optim.proj_type!r} under train.parallelism fsdp: FSDP2 shards "
                           "weights by rows, and only a right-side basis P (r x n) keeps the projection, the moments "

@@ -28,6 +28,9 @@ VOCAB, SEQ, MICRO, STEPS, GAP = 256, 16, 2, 10, 3
 RUNS = {  # preset -> (optimizer config, gradient clipping: 1.0 is active from the first step; 0 is off)
     "adamw": (dict(name="adamw", lr=3e-3, weight_decay=0.1), 1.0),
     "subtrack++": (dict(name="subtrack++", lr=3e-3, rank=8, update_interval=GAP), 0.0),
+    "muon": (dict(name="muon", lr=3e-3, matrix_lr_ratio=0.5), 1.0),
+    "adafactor": (dict(name="adafactor", lr=3e-3), 0.0),
+    "adamw8bit": (dict(name="adamw8bit", lr=3e-3), 0.0),
 }
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32; both paths average the same gradients and clip alike
 

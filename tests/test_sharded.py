@@ -27,6 +27,9 @@ GAP = 5  # subspace update interval: updates at steps 0 (SVD), 5, 10, 15
 CONFIGS = {
     "adamw": dict(name="adamw", lr=3e-3, weight_decay=0.1),
     "subtrack++": dict(name="subtrack++", lr=3e-3, weight_decay=0.1, rank=8, update_interval=GAP),
+    # torch's own, on whole matrices: each owner orthogonalizes (Muon) or factors (Adafactor) its matrices
+    "muon": dict(name="muon", lr=3e-3, weight_decay=0.1, matrix_lr_ratio=0.5),
+    "adafactor": dict(name="adafactor", lr=3e-3, momentum=0.9),
 }
 # float32. The reference accumulates the two micro-batches the ranks take, so its averaged
 # gradients match the reduced ones; only the clipping norm is summed in another order.
