@@ -20,8 +20,9 @@ setup(
     extras_require={
         # galore-torch and fira are the published references our presets are tested against.
         "test": ["pytest>=8", "transformers>=4.45", "galore-torch==1.0", "fira==1.0.2"],
-        # the convergence benchmark's plot (python -m pretrain.bench convergence); it runs without it
-        "bench": ["matplotlib>=3.5"],
+        # the convergence benchmark's plots, and APOLLO / APOLLO-Mini through apollo-torch
+        # (python -m pretrain.bench convergence); it runs without them
+        "bench": ["matplotlib>=3.5", "apollo-torch==1.0.3"],
     },
     entry_points={"console_scripts": ["pretrain=pretrain.__main__:main"]},
 )

@@ -32,6 +32,8 @@ PRESETS: dict[str, dict | None] = {
     "adamw8bit": None,  # adamw with state_bits 8: bitsandbytes' blockwise 8-bit AdamW on every weight
     "muon": None,  # torch.optim.Muon on the matrices, AdamW elsewhere (optim/hybrid.py)
     "adafactor": None,  # torch.optim.Adafactor on the matrices, AdamW elsewhere (optim/hybrid.py)
+    "apollo": None,  # apollo-torch's APOLLOAdamW, when installed: the benchmark's peer (APOLLO below)
+    "apollo-mini": None,
     "galore": {"subspace": "svd", "moments": "keep", "residual": "drop", "scale_recovery": False},
     "fira": {"subspace": "svd", "moments": "keep", "residual": "recover", "scale_recovery": False},
     "subtrack": {"subspace": "grassmann", "moments": "keep", "residual": "drop", "scale_recovery": False},
@@ -46,6 +48,13 @@ LOW_RANK = tuple(name for name, preset in PRESETS.items() if preset is not None)
 # one lr serves both groups, as Moonshot's "Muon is scalable" recipe does.
 MATRIX_PEERS = {"muon": {"nesterov": True, "adjust_lr_fn": "match_rms_adamw"}, "adafactor": {}}
 DEFAULT_MOMENTUM = {"muon": 0.95, "adafactor": None}  # optim.momentum null: torch's default
+# APOLLO through the apollo-torch package (the `bench` extra), with its README's settings: random
+# projection, channel-wise scaling at rank optim.rank (a quarter of hidden, as GaLore) and scale 1, or
+# APOLLO-Mini's tensor-wise scaling at rank 1 and scale 128. One process only: its state keeps
+# projector objects, which the weights-only checkpoint loader refuses.
+APOLLO = {"apollo": {"proj": "random", "scale_type": "channel", "scale": 1.0},
+          "apollo-mini": {"rank": 1, "proj": "random", "scale_type": "tensor", "scale": 128.0}}
+APOLLO_HINT = 'optim.name {name!r} runs through the apollo-torch package: pip install -c constraints.txt -e ".[bench]"'
 
 # Attention q/k/v/o and MLP gate/up/down weights are projected (names as docs/architecture.md).
 PROJECTED_NAME = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -218,6 +227,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, optimizer_class=None) ->
     optimizer_class = optimizer_class or SubTrackAdamW
     choices, matrices = cfg.choices(), matrix_group(cfg)
     adam = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name in APOLLO:
+        return build_apollo(model, cfg, adam)
     if cfg.name in MATRIX_PEERS:  # the plain group's AdamW keys, set here: the hybrid has no defaults
         groups = param_groups(model, matrix_group=matrices)
         return HybridOptimizer([g if "matrix_method" in g else {**g, **adam} for g in groups])
@@ -233,3 +244,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, optimizer_class=None) ->
     groups = param_groups(model, rank=cfg.rank, update_interval=cfg.update_interval, scale=cfg.scale,
                           matrix_group=matrices, **cfg.group_options())
     return optimizer_class(groups, **adam, state_bits=cfg.state_bits)
+
+
+def build_apollo(model: nn.Module, cfg: OptimConfig, adam: dict) -> torch.optim.Optimizer:
+    """apollo-torch's APOLLOAdamW with the matrices in its projected group (APOLLO's README settings)."""
+    try:
+        from apollo_torch import APOLLOAdamW
+    except ImportError:
+        raise ValueError(APOLLO_HINT.format(name=cfg.name)) from None
+    settings = {"rank": cfg.rank, "update_proj_gap": cfg.update_interval or 200, "proj_type": "std",
+                **APOLLO[cfg.name]}
+    if settings["rank"] is None:
+        raise ValueError(f"optim.rank is not set; optim.name {cfg.name!r} needs it (a quarter of hidden, as GaLore)")
+    groups = param_groups(model, matrix_group={"lr": cfg.lr * cfg.matrix_lr_ratio, **settings})
+    return APOLLOAdamW(groups, **adam)

@@ -31,4 +31,6 @@ def tensor_bytes(obj, distinct_storages: bool = False) -> int:
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
+        elif hasattr(item, "__dict__") and not isinstance(item, type):  # e.g. apollo-torch's projector objects
+            stack.extend(vars(item).values())
     return sum(storages.values()) if distinct_storages else total

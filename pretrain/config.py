@@ -433,6 +433,12 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError(f"train.deepspeed = {t.deepspeed!r} is not a file; pass a DeepSpeed JSON such as "
                           "configs/deepspeed/zero0.json (or drop --deepspeed)")
     parallelism = t.resolve_parallelism(world_size)  # raises on contradicting keys
+    from optim.factory import APOLLO
+
+    if cfg.optim.name in APOLLO and (parallelism != "single" or ck.resume is not None):
+        raise ConfigError(f"optim.name {cfg.optim.name!r} (apollo-torch, a benchmark peer) runs in one process and "
+                          "cannot resume: its state keeps projector objects that no weights-only checkpoint loads; "
+                          "run one process without --resume")
     if parallelism == "fsdp":
         check_fsdp(cfg)
     if cfg.optim.per_layer:

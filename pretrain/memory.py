@@ -366,6 +366,11 @@ def measure_saved_activations(fn, exclude=()) -> int:
     return sum(saved.values())
 
 
-def state_tensor_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state (distinct storages)."""
-    return tensor_bytes(list(optimizer.state.values()), distinct_storages=True)
+def state_tensor_bytes(optimizer: torch.optim.Optimizer, matrices_only: bool = False) -> int:
+    """Bytes of every tensor in the optimizer's state (distinct storages); matrices_only: of the
+    attention and MLP matrices alone (the weights the low-rank methods project; groups need `names`)."""
+    states = list(optimizer.state.values())
+    if matrices_only:
+        names = {id(p): n for g in optimizer.param_groups for p, n in zip(g["params"], g.get("names", ()))}
+        states = [s for p, s in optimizer.state.items() if is_projected(names.get(id(p), ""), p)]
+    return tensor_bytes(states, distinct_storages=True)

@@ -343,4 +343,5 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
         "wall_time_s": time.perf_counter() - started, "mode": strategy.name, "strategy": strategy.describe(),
         "weight_checksums": checksums,
         "optimizer_state_bytes": state_tensor_bytes(optimizer),  # this rank's
+        "optimizer_state_bytes_matrices": state_tensor_bytes(optimizer, matrices_only=True),
     }

@@ -19,13 +19,45 @@ def test_method_spec_parses_preset_and_optim_options():
         convergence.Method.parse("x=subtrack++,geodesic_rank")
 
 
-def test_lr_grid_defaults_per_method_and_overrides():
+def test_lr_and_ratio_grids_default_per_method_and_overrides():
     adamw, galore = convergence.Method.parse("adamw"), convergence.Method.parse("galore")
-    assert convergence.lr_grid(adamw, []) == [1e-3, 2e-3, 5e-3]
-    assert convergence.lr_grid(galore, []) == [2.5e-3, 5e-3, 1e-2, 2e-2]
+    assert convergence.lr_grid(adamw, []) == list(convergence.GRIDS["adamw"].lrs)
+    assert convergence.lr_grid(galore, []) == list(convergence.DEFAULT_GRID.lrs)
     assert convergence.lr_grid(galore, ["1e-2", "2e-2"]) == [1e-2, 2e-2]
     assert convergence.lr_grid(galore, ["1e-2", "adamw=3e-3"]) == [1e-2]
     assert convergence.lr_grid(adamw, ["1e-2", "adamw=3e-3,4e-3"]) == [3e-3, 4e-3]
+    assert convergence.ratio_grid(adamw, []) == list(convergence.GRIDS["adamw"].ratios)
+    assert convergence.ratio_grid(galore, ["galore=0.5", "1"]) == [0.5]
+    assert convergence.ratio_grid(adamw, ["galore=0.5", "1"]) == [1.0]
+    # every method a user compares with has a declared grid, both knobs with more than one value
+    for name in convergence.FRONTIER:
+        grid = convergence.GRIDS.get(name, convergence.DEFAULT_GRID)
+        assert len(grid.lrs) > 1 and len(grid.ratios) > 1, name
+
+
+def fake_runs(method, losses):
+    """Runs of `method` with final eval losses {(lr, ratio): loss}."""
+    return [convergence.Run(method, lr, 0, None, {"final_eval_loss": loss}, ratio=ratio)
+            for (lr, ratio), loss in losses.items()]
+
+
+def test_a_best_pair_at_the_edge_of_its_grid_extends_it_one_step_outwards():
+    m = convergence.Method.parse("muon")
+    inside = fake_runs(m, {(1e-2, 0.5): 5.0, (2e-2, 0.5): 4.0, (4e-2, 0.5): 4.5,
+                           (2e-2, 0.25): 4.2, (2e-2, 1.0): 4.3})
+    assert convergence.best_pair(inside, m) == (2e-2, 0.5)
+    assert convergence.extensions(inside, m) == []
+    edge = fake_runs(m, {(1e-2, 0.5): 5.0, (2e-2, 0.5): 4.5, (4e-2, 0.5): 4.0, (4e-2, 0.25): 4.1, (4e-2, 1.0): 4.2})
+    assert convergence.extensions(edge, m) == [(8e-2, 0.5)]  # lr at the top; the ratio is inside
+    low = fake_runs(m, {(1e-2, 0.25): 4.0, (2e-2, 0.25): 4.5, (1e-2, 0.5): 4.4})
+    assert convergence.extensions(low, m) == [(5e-3, 0.25), (1e-2, 0.125)]
+
+
+def test_pareto_keeps_the_methods_no_other_beats_on_both_state_and_loss():
+    rows = [{"method": name, "matrix_state_bytes": state, "final_eval_loss": loss}
+            for name, state, loss in (("adamw", 400, 5.3), ("muon", 200, 4.5), ("subtrack++", 150, 4.6),
+                                      ("adafactor", 10, 4.4), ("apollo-mini", 5, 5.0), ("diverged", 1, float("nan")))]
+    assert convergence.pareto(rows) == ["adafactor", "apollo-mini"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -40,8 +72,8 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path, argv, message):
 
 
 def test_a_diverged_lr_is_never_the_best():
-    runs = [convergence.Run(convergence.Method.parse("galore"), lr, 0, None, {"final_eval_loss": loss})
-            for lr, loss in ((1e-2, float("nan")), (5e-3, 4.9), (2e-3, 5.1))]
+    runs = fake_runs(convergence.Method.parse("galore"), {(1e-2, 1.0): float("nan"), (5e-3, 1.0): 4.9,
+                                                          (2e-3, 1.0): 5.1})
     assert convergence.best_runs(runs, runs[0].method)[0] == 5e-3
 
 
@@ -53,12 +85,14 @@ def test_plot_is_optional(monkeypatch, tmp_path):
 def test_three_runs_side_by_side_pick_each_methods_best_lr(tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["--methods", "adamw", "rank2=subtrack++,geodesic_rank=2", "--lrs", "adamw=1e-3,5e-3", "rank2=5e-3",
+            "--ratios", "1", "--time-steps", "3",
             "--size", "nano", "--steps", "4", "--out", str(out), "--jobs", "2",
             "--set", "train.eval_every=2", "train.warmup_steps=1", "optim.update_interval=2", "train.eval_batches=1"]
     assert convergence.main(argv) == 0
     printed = capsys.readouterr().out
     assert sum(line.startswith("[") and "/3] " in line for line in printed.splitlines()) == 3  # one line per run
     summaries = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/summary.json")}
+    assert not list(out.glob("*/checkpoints"))  # the bench never resumes: checkpoints are deleted
     assert set(summaries) == {"adamw_lr0.001_seed0", "adamw_lr0.005_seed0", "rank2_lr0.005_seed0"}
     for name, s in summaries.items():
         assert s["step"] == 4 and [step for step, _ in s["evals"]] == [0, 2, 4]
@@ -70,6 +104,9 @@ def test_three_runs_side_by_side_pick_each_methods_best_lr(tmp_path, capsys):
     assert rows["adamw"]["final_eval_loss"] == best_adamw and rows["adamw"]["gap_to_adamw"] == 0.0
     assert rows["rank2"]["gap_to_adamw"] == pytest.approx(finals["rank2_lr0.005_seed0"] - best_adamw)
     assert 0 < rows["rank2"]["optimizer_state_bytes"] < rows["adamw"]["optimizer_state_bytes"]
+    assert 0 < rows["rank2"]["matrix_state_bytes"] < rows["adamw"]["matrix_state_bytes"]
+    assert rows["adamw"]["step_time_vs_adamw"] == 1.0 and rows["rank2"]["step_time_vs_adamw"] > 0
+    assert "rank2" in convergence.pareto(list(rows.values()))
     table = (out / "results.md").read_text()
     assert "| adamw |" in table and "| rank2 |" in table and "Command: `python -m pretrain.bench convergence" in table
     assert (out / "curves.png").is_file() or convergence.PLOT_HINT in printed
