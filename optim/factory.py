@@ -32,6 +32,7 @@ PRESETS: dict[str, dict | None] = {
     "adamw8bit": None,  # adamw with state_bits 8: bitsandbytes' blockwise 8-bit AdamW on every weight
     "muon": None,  # torch.optim.Muon on the matrices, AdamW elsewhere (optim/hybrid.py)
     "adafactor": None,  # torch.optim.Adafactor on the matrices, AdamW elsewhere (optim/hybrid.py)
+    "subtrack-adafactor": None,  # ours: Adafactor with Grassmannian-tracked subspace momentum (optim/tracked_adafactor.py)
     "apollo": None,  # apollo-torch's APOLLOAdamW, when installed: the benchmark's peer (APOLLO below)
     "apollo-mini": None,
     "galore": {"subspace": "svd", "moments": "keep", "residual": "drop", "scale_recovery": False},
@@ -46,8 +47,10 @@ LOW_RANK = tuple(name for name, preset in PRESETS.items() if preset is not None)
 # Torch's own optimizer for the matrices, with the group keys each gets from the config.
 # Muon: `match_rms_adamw` scales its orthogonalized update to AdamW's RMS (0.2 sqrt(max(m, n))), so
 # one lr serves both groups, as Moonshot's "Muon is scalable" recipe does.
-MATRIX_PEERS = {"muon": {"nesterov": True, "adjust_lr_fn": "match_rms_adamw"}, "adafactor": {}}
-DEFAULT_MOMENTUM = {"muon": 0.95, "adafactor": None}  # optim.momentum null: torch's default
+MATRIX_PEERS = {"muon": {"nesterov": True, "adjust_lr_fn": "match_rms_adamw"}, "adafactor": {},
+                "subtrack-adafactor": {}}
+DEFAULT_MOMENTUM = {"muon": 0.95, "adafactor": None, "subtrack-adafactor": 0.9}  # null: these defaults
+TRACKED = ("subtrack-adafactor",)  # matrix optimizers that keep a basis: optim.rank and update_interval
 # APOLLO through the apollo-torch package (the `bench` extra), with its README's settings: random
 # projection, channel-wise scaling at rank optim.rank (a quarter of hidden, as GaLore) and scale 1, or
 # APOLLO-Mini's tensor-wise scaling at rank 1 and scale 128. One process only: its state keeps
@@ -211,8 +214,12 @@ def matrix_group(cfg: OptimConfig) -> dict | None:
         momentum = DEFAULT_MOMENTUM[cfg.name] if cfg.momentum is None else cfg.momentum
         keys.update(lr=cfg.lr * cfg.matrix_lr_ratio, matrix_method=cfg.name, weight_decay=cfg.weight_decay,
                     **MATRIX_PEERS[cfg.name])
-        if cfg.name == "muon" or momentum is not None:
+        if cfg.name != "adafactor" or momentum is not None:
             keys["momentum"] = momentum
+        if cfg.name in TRACKED:
+            if cfg.rank is None:
+                raise ValueError(f"optim.rank is not set; optim.name {cfg.name!r} tracks a subspace and needs it")
+            keys.update(rank=cfg.rank, update_proj_gap=cfg.update_interval or 200, proj_type=cfg.proj_type)
     return keys or (None if cfg.choices() is None else {})
 
 

@@ -1,4 +1,5 @@
-"""Torch's own matrix optimizers beside AdamW: Muon or Adafactor on the attention and MLP matrices.
+"""Matrix optimizers beside AdamW: torch's Muon or Adafactor (or our TrackedAdafactor) on the attention
+and MLP matrices.
 
     opt = HybridOptimizer([
         {"params": plain, "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0},
@@ -23,7 +24,10 @@ from __future__ import annotations
 
 import torch
 
-MATRIX_METHODS = {"muon": torch.optim.Muon, "adafactor": torch.optim.Adafactor}
+from optim.tracked_adafactor import TrackedAdafactor  # noqa: E402 - after torch, as the others
+
+# `subtrack-adafactor` is ours (optim/tracked_adafactor.py): Adafactor with tracked-subspace momentum.
+MATRIX_METHODS = {"muon": torch.optim.Muon, "adafactor": torch.optim.Adafactor, "subtrack-adafactor": TrackedAdafactor}
 PLAIN = "adamw"
 
 
@@ -50,6 +54,8 @@ class HybridOptimizer(torch.optim.Optimizer):
         # Each inner optimizer fills its defaults into (and checks) the very dicts held here.
         self.inner = {method: classes[method]([g for g in self.param_groups if _method(g) == method])
                       for method in dict.fromkeys(map(_method, self.param_groups))}
+        for inner in self.inner.values():  # state an inner optimizer created up front (TrackedAdafactor's)
+            self.state.update(inner.state)
         self._link()
 
     def _link(self) -> None:

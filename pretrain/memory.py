@@ -153,6 +153,11 @@ def state_bytes(w: Weight, optim_name: str, rank: int | None, state_bits: int, w
     """
     out = {"basis": 0, "moments": 0, "scalars": 0, "adamw": 0}
     rows = w.shard(shards).shape[0]
+    if optim_name in MATRIX_STATE and w.projected:
+        if shards > 1:
+            raise ValueError(f"{optim_name} needs whole matrices; FSDP (shards > 1) refuses it")
+        out.update(MATRIX_STATE[optim_name](*w.shape, rank, weight_bytes))
+        return out
     if optim_name in LOW_RANK and w.projected:
         m, n = w.shape
         r = min(rank, m, n)
@@ -172,8 +177,37 @@ def state_bytes(w: Weight, optim_name: str, rank: int | None, state_bits: int, w
         out["adamw"] = 2 * _sharded_moment_bytes(w.numel, local, 8, 4)  # bitsandbytes keeps small tensors in float32
     else:
         out["adamw"] = 2 * weight_bytes * local  # torch.optim.AdamW and SubTrackAdamW: zeros_like(p)
-    out["scalars"] = 8 if optim_name in LOW_RANK else 4  # step: int64 (SubTrackAdamW), float32 (torch)
+    # step: int64 (SubTrackAdamW, which also runs 8-bit AdamW), float32 (torch's AdamW)
+    out["scalars"] = 8 if optim_name in LOW_RANK or state_bits == 8 else 4
     return out
+
+
+def _muon_state(m: int, n: int, rank, wb: int) -> dict[str, int]:
+    return {"moments": wb * m * n}  # momentum_buffer: zeros_like(grad)
+
+
+def _adafactor_state(m: int, n: int, rank, wb: int) -> dict[str, int]:
+    return {"moments": wb * (m + n), "scalars": 4}  # row_var (m, 1), col_var (1, n); step (float32)
+
+
+def _tracked_adafactor_state(m: int, n: int, rank: int, wb: int) -> dict[str, int]:
+    r = min(rank, m, n)  # basis on the shorter side, momentum (r, long side), the factors: float32
+    return {"basis": 4 * r * min(m, n), "moments": 4 * (r * max(m, n) + m + n), "scalars": 8 + 8 + 4}
+
+
+def _apollo_state(r_default: int | None):
+    def state(m: int, n: int, rank, wb: int) -> dict[str, int]:
+        r = min(r_default or rank, m, n)  # apollo-torch keeps its random projection (r x short... long side)
+        return {"basis": 4 * r * min(m, n), "moments": 2 * 4 * r * max(m, n), "scalars": 8 + 4}
+    return state
+
+
+# Matrices' state of the methods outside the SubTrackAdamW family (optim/hybrid.py, apollo-torch), per
+# projected (m, n) weight: {"basis", "moments", "scalars"} bytes; their other weights use AdamW.
+MATRIX_STATE = {"muon": _muon_state, "adafactor": _adafactor_state,
+                "subtrack-adafactor": _tracked_adafactor_state,
+                "apollo": _apollo_state(None), "apollo-mini": _apollo_state(1)}
+NEEDS_RANK = LOW_RANK + ("subtrack-adafactor", "apollo")
 
 
 def activation_bytes(cfg: LlamaConfig, batch: int, seq: int, act_bytes: int, checkpointing: bool) -> dict[str, int]:
@@ -209,6 +243,8 @@ def weight_step_temporaries(w: Weight, optim_name: str, state_bits: int, weight_
     if optim_name in LOW_RANK and w.projected:
         full = 4 if PRESETS[optim_name]["residual"] == "recover" else 2
         return (4 * full + (4 + weight_bytes if weight_bytes != 4 else 0)) * w.numel
+    if optim_name in MATRIX_STATE and w.projected:  # float32 working tensors of the weight's size, about
+        return {"muon": 3 * 2 + 4, "adafactor": 3 * 4}.get(optim_name, 4 * 4) * w.numel
     if state_bits == 8 and quant8.use_8bit(w.numel, 8):
         return 0 if device == "cuda" else 5 * 4 * w.numel
     return 2 * (4 if state_bits == 8 else weight_bytes) * w.numel
@@ -252,7 +288,9 @@ def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: in
     """
     if optim_name not in PRESETS:
         raise ValueError(f"unknown optimizer {optim_name!r}; choose one of {sorted(PRESETS)}")
-    if optim_name in LOW_RANK and (rank is None or rank < 1):
+    if optim_name == "adamw8bit":
+        optim_name, state_bits = "adamw", 8  # the same optimizer (optim.factory)
+    if optim_name in NEEDS_RANK and (rank is None or rank < 1):
         raise ValueError(f"optimizer {optim_name!r} projects gradients and needs a positive rank, got {rank!r}")
     check(STATE_BITS, state_bits)
     if device not in ("cuda", "cpu"):
@@ -272,10 +310,12 @@ def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: in
     largest_grad = wb * max(w.numel for w in weights)
     out["gradients"] = largest_grad if per_layer else wb * sum(w.numel for w in weights)
     kinds = {"basis": 0, "moments": 0, "scalars": 0, "adamw": 0}
+    out["state_matrices"] = 0  # of the attention and MLP matrices (the projected weights) alone
     for w in whole:
         for kind, nbytes in state_bytes(w, optim_name, rank, state_bits, wb, dtype_bytes(basis_dtype),
                                         proj_type, shards).items():
             kinds[kind] += nbytes
+            out["state_matrices"] += nbytes if w.projected else 0
     out.update({f"state_{kind}": nbytes for kind, nbytes in kinds.items()})
     out["optimizer_state"] = sum(kinds.values())
 

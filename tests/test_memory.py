@@ -299,3 +299,34 @@ def test_bench_memory_shards_prints_per_process_and_refuses_zero(capsys):
             bench_memory.main(argv)
         message = str(exit_info.value.code)
         assert message.startswith("--") and "\n" not in message
+
+
+@pytest.mark.parametrize("name, options", [("muon", {}), ("adafactor", {}), ("adafactor", {"momentum": 0.9}),
+                                           ("subtrack-adafactor", {}), ("adamw8bit", {})])
+def test_peer_state_estimate_equals_the_bytes_the_optimizer_holds(name, options):
+    """pretrain.memory's formulas for the frontier's peers against their state after one step (nano, fp32)."""
+    from models import build_model
+    from optim import OptimConfig, build_optimizer
+    from pretrain.memory import estimate, state_tensor_bytes
+
+    torch.manual_seed(0)
+    model = build_model("nano", vocab_size=256)
+    opt = build_optimizer(model, OptimConfig(name=name, rank=8, update_interval=5, **options))
+    model(torch.randint(0, 256, (2, 16))).float().logsumexp(-1).mean().backward()
+    opt.step()
+    est = estimate("nano", name, rank=8, state_bits=8 if name == "adamw8bit" else 32, dtype="fp32", vocab_size=256)
+    if not options:  # the estimate models torch's defaults (no Adafactor momentum)
+        assert est["state_matrices"] == state_tensor_bytes(opt, matrices_only=True)
+        assert est["optimizer_state"] == state_tensor_bytes(opt)
+    else:
+        m_n = sum(p.numel() for n, p in model.named_parameters() if "layers." in n and p.ndim == 2)
+        assert state_tensor_bytes(opt, matrices_only=True) == est["state_matrices"] + 4 * m_n  # one m x n buffer more
+
+
+def test_bench_memory_frontier_lists_every_method_at_7b(capsys):
+    from pretrain.bench import memory as bench_memory
+
+    assert bench_memory.main(["--frontier", "--model", "7b"]) == 0
+    out = capsys.readouterr().out
+    for label, _, _ in bench_memory.FRONTIER_ROWS:
+        assert f"| {label} |" in out

@@ -161,7 +161,8 @@ def test_fsdp_refuses_the_whole_matrix_peers_in_one_line(tmp_path, name):
 
 @pytest.mark.parametrize("overrides", [["optim.name=muon", "optim.matrix_lr_ratio=0.5"],
                                        ["optim.name=adafactor", "optim.momentum=0.9"],
-                                       ["optim.name=adamw8bit"]])
+                                       ["optim.name=adamw8bit"],
+                                       ["optim.name=subtrack-adafactor", "optim.rank=8", "optim.update_interval=3"]])
 def test_peer_resume_equals_uninterrupted(tmp_path, overrides):
     config = nano_config(tmp_path)
     run = [*overrides, "train.max_steps=8"]
@@ -186,3 +187,88 @@ def test_per_layer_muon_equals_the_normal_step(tmp_path):
     assert runs[True]["train_losses"] == runs[False]["train_losses"]
     a, b = load_checkpoint(runs[True]["checkpoint"]), load_checkpoint(runs[False]["checkpoint"])
     assert_identical(a["model"], b["model"], "model")
+
+
+# ----------------------------------------------------------------------------- subtrack-adafactor
+
+def test_subtrack_adafactor_without_momentum_is_torch_adafactor():
+    """beta1 = 0: the subspace momentum is the projected gradient itself, G~ = G, so the step is Adafactor's."""
+    model = nano_model()
+    reference = copy.deepcopy(model)
+    ours = build_optimizer(model, OptimConfig(name="subtrack-adafactor", lr=LR, momentum=0.0, rank=8,
+                                              update_interval=2, weight_decay=0.01))
+    plain, matrices = split(reference)
+    by_hand = [torch.optim.Adafactor(matrices, lr=LR, weight_decay=0.01),
+               torch.optim.AdamW(plain, lr=LR, eps=1e-6, weight_decay=0.01)]
+    for step in range(STEPS):
+        backward(model, step)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            q.grad = p.grad.clone()
+        ours.step()
+        for opt in by_hand:
+            opt.step()
+        ours.zero_grad()
+        reference.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def reference_tracked_adafactor(W, grads, rank, beta1, lr, gap):
+    """The docstring's formulas, written out for a wide W (left basis S: (m, r)), the geodesic step aside."""
+    from optim import grassmann as gm
+
+    m, n = W.shape
+    row, col = torch.zeros(m, 1), torch.zeros(1, n)
+    M = torch.zeros(rank, n)
+    S = None
+    for t, G in enumerate(grads, 1):
+        row.lerp_((G * G).mean(1, keepdim=True), t ** -0.8)
+        col.lerp_((G * G).mean(0, keepdim=True), t ** -0.8)
+        if t == 1:
+            S = gm.initial_basis(G, rank, gm.LEFT)
+        elif (t - 1) % gap == 0:
+            S_new, _ = gm.grassmann_update(S, G, gm.LEFT, "auto")
+            M = (S_new.t() @ S) @ M
+            S = S_new
+        R = S.t() @ G
+        M = beta1 * M + (1 - beta1) * R
+        G_tilde = S @ (M / (1 - beta1 ** t)) + (G - S @ R)
+        U = G_tilde / (row @ col / row.mean()).sqrt()
+        U = U / max(1.0, float(U.pow(2).mean().sqrt()))
+        W = W - max(1e-3, float(W.pow(2).mean().sqrt())) * min(lr, t ** -0.5) * U
+    return W
+
+
+def test_subtrack_adafactor_keeps_momentum_in_the_tracked_subspace_only():
+    from optim.tracked_adafactor import TrackedAdafactor
+
+    torch.manual_seed(1)
+    W = torch.nn.Parameter(torch.randn(6, 10) * 0.1)
+    grads = [torch.randn(6, 10) for _ in range(7)]
+    opt = TrackedAdafactor([{"params": [W], "rank": 2, "update_proj_gap": 3, "momentum": 0.9, "lr": 0.05}])
+    start = W.detach().clone()
+    for G in grads:
+        W.grad = G.clone()
+        opt.step()
+    expected = reference_tracked_adafactor(start, grads, rank=2, beta1=0.9, lr=0.05, gap=3)
+    torch.testing.assert_close(W.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert int(opt.state[W]["subspace_updates"]) == 3  # the SVD at step 1, geodesic steps at 4 and 7
+
+
+def test_subtrack_adafactor_keeps_less_state_than_subtrack_plus_plus():
+    """r n + m r + m + n numbers per matrix, against SubTrack++'s 2 r n + m r."""
+    from pretrain.memory import state_tensor_bytes
+
+    sizes = {}
+    for name in ("subtrack-adafactor", "subtrack++"):
+        model = nano_model()
+        opt = build_optimizer(model, OptimConfig(name=name, lr=LR, rank=8, update_interval=5))
+        sizes[name] = state_tensor_bytes(opt, matrices_only=True)
+    expected = 0
+    for n, p in nano_model().named_parameters():
+        if is_projected(n, p):
+            m, k = p.shape
+            low = min(m, k)
+            expected += 4 * (8 * max(m, k) + low * 8 + m + k) + 8 + 8 + 4  # basis, momentum, factors, scalars
+    assert sizes["subtrack-adafactor"] == expected
+    assert sizes["subtrack-adafactor"] < sizes["subtrack++"]

@@ -4,6 +4,7 @@ peak beside it on a GPU.
     python -m pretrain.bench memory --model 7b --optim subtrack++ --state-bits 8 --per-layer --batch 1 --seq 256
     python -m pretrain.bench memory --table --batch 1 --seq 256     # AdamW / 8-bit / GaLore / SubTrack++, 1b and 7b
     python -m pretrain.bench memory --model 7b --optim subtrack++ --state-bits 8 --shards 8 --no-measure  # FSDP2, per process
+    python -m pretrain.bench memory --frontier --model 7b          # every method of the convergence frontier, per GPU
 
 --table also prints the FSDP2 figures per process, over --shards processes (8 unless given).
 
@@ -63,6 +64,8 @@ def parse_args(argv):
     parser.add_argument("--shards", type=int, default=1,
                         help="FSDP2 over this many processes: figures per process (default 1, no FSDP)")
     parser.add_argument("--table", action="store_true", help="the comparison tables for 1b and 7b")
+    parser.add_argument("--frontier", action="store_true",
+                        help="optimizer state and peak of every frontier method at --model, per GPU")
     parser.add_argument("--steps", type=int, default=3, help="steps measured on a GPU (after one warm-up step)")
     parser.add_argument("--no-measure", action="store_true", help="skip the GPU measurement")
     parser.add_argument("--measure-cpu", action="store_true",
@@ -160,6 +163,31 @@ def table(args) -> int:
     return 0
 
 
+FRONTIER_ROWS = [  # (label, optimizer, state_bits): the methods of `pretrain.bench convergence --frontier`
+    ("AdamW", "adamw", 32), ("AdamW 8-bit (adamw8bit)", "adamw8bit", 8), ("Muon", "muon", 32),
+    ("Adafactor", "adafactor", 32), ("APOLLO", "apollo", 32), ("APOLLO-Mini", "apollo-mini", 32),
+    ("GaLore", "galore", 32), ("Fira", "fira", 32), ("SubTrack++", "subtrack++", 32),
+    ("SubTrack++ 8-bit", "subtrack++", 8), ("subtrack-adafactor", "subtrack-adafactor", 32),
+]
+
+
+def frontier(args) -> int:
+    """Per GPU at --model: one process (the state whole), and `zero` over 8 ranks (state split by whole
+    matrices, about 1/8 each: optim/sharding balances the shards)."""
+    rank = paper_rank(args.model, args.rank)
+    print(f"Optimizer state and estimated peak (GB) per GPU at {args.model}, batch {args.batch} x {args.seq}, "
+          f"{args.dtype} weights, rank {rank} where a method projects; `zero` over 8 ranks divides the state "
+          "by whole matrices.\n")
+    print("| optimizer | state: matrices | state: total | peak, one GPU | state per GPU, zero x 8 |")
+    print("|---|---:|---:|---:|---:|")
+    for label, optim, bits in FRONTIER_ROWS:
+        est = memory.estimate(args.model, optim, rank=rank, state_bits=bits, batch=args.batch, seq=args.seq,
+                              dtype=args.dtype, basis_dtype=args.basis_dtype)
+        cells = (est["state_matrices"], est["optimizer_state"], est["peak"], est["optimizer_state"] / 8)
+        print(f"| {label} | " + " | ".join(f"{c / GB:.2f}" for c in cells) + " |")
+    return 0
+
+
 def measure_peak(args, rank, device: torch.device) -> int:
     """Peak bytes allocated over `args.steps` steps after a warm-up step.
 
@@ -227,4 +255,6 @@ def _build_optimizer(model, args, rank):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.frontier:
+        return frontier(args)
     return table(args) if args.table else breakdown(args)
