@@ -1,10 +1,12 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="subtrack-pretrain",
     version="0.1.0",
     description="Distributed Llama pre-training on C4 with the SubTrack++ low-rank optimizer",
-    packages=["models", "data", "optim", "pretrain", "pretrain.bench"],
+    # every package under models/, data/, optim/, pretrain/ (a list by hand missed optim.sharding and
+    # pretrain.strategies, so a wheel install could not import them)
+    packages=find_packages(include=["models*", "data*", "optim*", "pretrain*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

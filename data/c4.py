@@ -20,6 +20,8 @@ import os
 import zlib
 from typing import Iterator
 
+from data.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
@@ -137,10 +139,10 @@ class LocalShards:
         """Count a malformed line, or a file's unreadable rest (``rest``), and log the first few;
         when strict, raise naming file and line instead."""
         if self.strict and rest:
-            raise ValueError(f"{path}:{lineno}: unreadable C4 shard: {why}; fetch the file again or set "
+            raise DataError(f"{path}:{lineno}: unreadable C4 shard: {why}; fetch the file again or set "
                              "data.strict=false to skip the rest of such files")
         if self.strict:
-            raise ValueError(f"{path}:{lineno}: malformed C4 line: {why}; fix the file or set "
+            raise DataError(f"{path}:{lineno}: malformed C4 line: {why}; fix the file or set "
                              "data.strict=false to skip such lines")
         pos["malformed"] += 1
         if pos["malformed"] <= LOG_FIRST:  # the loader logs running totals; name a few lines
@@ -155,8 +157,9 @@ class LocalShards:
         except UnicodeDecodeError as e:  # its repr would quote the whole line
             self._skip(pos, path, lineno, f"byte {e.start} is not UTF-8 ({e.reason})")
             return None
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            self._skip(pos, path, lineno, repr(e))
+        except Exception as e:  # noqa: BLE001 - any line that fails to decode (a RecursionError from
+            # `[` x 200000 too) costs that line, never the run
+            self._skip(pos, path, lineno, repr(e)[:300])
             return None
         if not text.strip():
             pos["empty"] += 1
@@ -186,8 +189,14 @@ class HubStream:
     def dataset(self):
         import datasets  # imported here: nothing touches the hub until a stream starts
         kwargs = {"data_files": self.data_files} if self.data_files is not None else {}
-        return datasets.load_dataset(self.name, self.config, split=self.split, streaming=True,
-                                     **kwargs).select_columns(["text"])
+        try:
+            return datasets.load_dataset(self.name, self.config, split=self.split, streaming=True,
+                                         **kwargs).select_columns(["text"])
+        except Exception as e:  # noqa: BLE001 - unreachable hub, unknown name or config: datasets' own types vary
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise DataError(f"data.source = {self.name!r} ({self.config}, {self.split}) cannot be opened on the hub "
+                            f"({e.__class__.__name__}: {first}); check the network, the dataset name and "
+                            "data.hub_config, or point data.source at a local directory of C4 shards") from None
 
     def documents(self, consumer: int, num_consumers: int, pos: dict) -> Iterator[str]:
         from datasets.distributed import split_dataset_by_node

@@ -21,12 +21,16 @@ from torch.utils.data import DataLoader
 
 from data import sample
 from data.c4 import HubStream, LocalShards, is_local, local_files
+from data.errors import UserError
 from data.packing import MODES
 from data.stream import BatchStream, start_state
 from data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 STATE_VERSION = 1
+# The run setting behind each field of a saved data position (for the message of a refused resume).
+LAYOUT_KEYS = {"rank": "the rank", "world_size": "the number of processes", "num_workers": "data.num_workers",
+               "batch_size": "train.micro_batch_size", "seq_len": "data.seq_len", "packing": "data.packing"}
 
 
 @dataclass
@@ -119,7 +123,7 @@ class TrainLoader:
         else:
             items = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                     prefetch_factor=2))
-        for item in items:
+        for item in _unwrapped(items):
             if generation != self._generation:
                 return  # a newer iterator or load_state_dict took over: this one is stale
             stream = item.pop("stream")
@@ -147,17 +151,30 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')!r} is not "
-                             f"{STATE_VERSION}; it was written by another version of data/")
+            raise UserError(f"data loader state version {state.get('version')!r} is not "
+                            f"{STATE_VERSION}; it was written by another version of data/")
         layout = self._layout()
         diff = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
         if diff:
-            raise ValueError("data loader state does not match this loader (saved, now): "
-                             + ", ".join(f"{k}={a!r}, {b!r}" for k, (a, b) in diff.items())
-                             + "; resume with the same ranks, workers, batch size, seq_len, packing")
+            raise UserError("the saved data position does not fit this run: "
+                            + ", ".join(f"{LAYOUT_KEYS[k]} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                            + "; resume with the saved values (each rank reads its own lines in batches of that "
+                              "layout), or start a new run in another log.run_dir")
         self._states = copy.deepcopy(state["streams"])
         self._next = state["next_stream"]
         self._generation += 1
+
+
+def _unwrapped(items: Iterator[dict]) -> Iterator[dict]:
+    """`items`, with a UserError a DataLoader worker raised given back its own one-line message: the
+    DataLoader re-raises it with the worker's whole traceback as the message."""
+    try:
+        yield from items
+    except UserError as e:
+        text = str(e).strip()
+        if "Original Traceback" not in text:
+            raise
+        raise type(e)(text.splitlines()[-1].split(": ", 1)[-1]) from None
 
 
 def _stream_args(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, rank: int,
@@ -210,7 +227,7 @@ def remap_train_state(saved: list[dict], loader: TrainLoader) -> dict:
     """
     streams = [s for state in saved for s in state["streams"]]
     if any("file" not in s["source"] for s in streams):
-        raise ValueError("the saved data position is a hub stream's, which cannot be remapped to another "
+        raise UserError("the saved data position is a hub stream's, which cannot be remapped to another "
                          "number of ranks x workers; resume with the saved layout")
     furthest = max(streams, key=lambda s: (s["epoch"], s["source"]["file"], s["source"]["line"]))
     fresh = loader.state_dict()

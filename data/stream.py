@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data.errors import DataError
 from data.packing import inputs_and_labels, packed_rows, truncated_rows
 from data.tokenizer import Tokenizer
 
@@ -87,7 +88,7 @@ class BatchStream(IterableDataset):
                 got = True
                 yield text
             if fresh and not got:
-                raise ValueError(
+                raise DataError(
                     f"rank {self.rank} stream {consumer % self.streams} (consumer {consumer} of "
                     f"{num_consumers}) received no documents from {self.source.describe()}; use fewer "
                     "ranks x workers (data.num_workers) or more data")

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 
 from data.c4 import open_shard
+from data.errors import UserError
 
 # Llama's layout: unk 0, bos 1, eos 2; we add an explicit pad so padded rows have a real id.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -40,12 +41,16 @@ class Tokenizer:
                 f"tokenizer model {model_path!r} does not exist; give a SentencePiece .model file "
                 "(train one with `python -m data.tokenizer train`) or 'sample'")
         self.path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError ("INTERNAL: ...") for garbage
+            raise UserError(f"tokenizer {model_path!r} is not a SentencePiece model ({str(e).strip()[:200]}); "
+                            "pass a .model file (train one with `python -m data.tokenizer train`) or 'sample'") from None
         self.vocab_size: int = self.sp.get_piece_size()
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"tokenizer {model_path!r} has no BOS or EOS piece "
+            raise UserError(f"tokenizer {model_path!r} has no BOS or EOS piece "
                              f"(bos_id={self.bos_id}, eos_id={self.eos_id}); packing needs both")
         self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
 
@@ -63,7 +68,7 @@ class Tokenizer:
     def check_fits(self, model_vocab_size: int) -> None:
         """Refuse a model whose embedding has fewer rows than the tokenizer has ids."""
         if self.vocab_size > model_vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"tokenizer {self.path!r} has {self.vocab_size} pieces but the model's vocab_size is "
                 f"{model_vocab_size}: ids >= {model_vocab_size} would index past the embedding; set "
                 f"model.vocab_size >= {self.vocab_size} or use a smaller tokenizer")

@@ -16,7 +16,11 @@ environment:
   HOSTFILE     MPI-style hostfile for several nodes ("node0 slots=8" per line); default: this node
   MASTER_ADDR, MASTER_PORT   rendezvous of several nodes (default: DeepSpeed's)
   DEEPSPEED    launcher command (default: deepspeed)
+  PYTHON       interpreter for the config check (default: python)
   DRY_RUN=1    print the command instead of running it
+
+The config is checked once (`python -m pretrain --check`, at the full world size) before any rank
+starts: a config error is one line, not one per rank under the launcher's report.
 
 example:
   launch/deepspeed.sh configs/llama_7b_subtrack8bit.yaml --set train.max_steps=1000
@@ -45,4 +49,8 @@ if [[ -n "${MASTER_PORT:-}" ]]; then nodes+=(--master_port "$MASTER_PORT"); fi
 cmd=("${DEEPSPEED:-deepspeed}" "${nodes[@]}" --num_gpus "$NGPU" --module pretrain
      --config "$CONFIG" --deepspeed "$DS_CONFIG" "$@")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then echo "${cmd[*]}"; exit 0; fi
+HOSTS=1
+if [[ -n "${HOSTFILE:-}" ]]; then HOSTS=$(grep -cEv '^[[:space:]]*(#|$)' "$HOSTFILE" || true); fi
+WORLD_SIZE=$((NGPU * ${HOSTS:-1})) "${PYTHON:-python}" -m pretrain --check --config "$CONFIG" --deepspeed "$DS_CONFIG" "$@" \
+    || exit $?
 exec "${cmd[@]}"

@@ -18,6 +18,9 @@ environment:
   PYTHON       interpreter (default: python)
   DRY_RUN=1    print the command instead of running it
 
+The config is checked once (`python -m pretrain --check`, at the full world size) before any rank
+starts: a config error is one line, not one per rank under torchrun's failure report.
+
 examples:
   launch/torchrun.sh configs/tiny_sample.yaml --set train.max_steps=50
   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh configs/llama_1b_subtrack.yaml   # on node0
@@ -49,4 +52,5 @@ cmd=("${PYTHON:-python}" -m torch.distributed.run "${placement[@]}" --nproc_per_
      --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
      -m pretrain --config "$CONFIG" "$@")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then echo "${cmd[*]}"; exit 0; fi
+WORLD_SIZE=$((NGPU * NNODES)) "${PYTHON:-python}" -m pretrain --check --config "$CONFIG" "$@" || exit $?
 exec "${cmd[@]}"

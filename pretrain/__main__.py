@@ -2,6 +2,11 @@
 
 Also the `pretrain` console script. Works under torchrun, the DeepSpeed launcher (which adds
 `--local_rank=N`) and SLURM srun; exits 0 when stopped by SIGTERM / SIGUSR1 after saving.
+
+Bad user input (data.errors.UserError: a config error, a refused resume, a bad tokenizer or data
+line, a checkpoint that would run code) is one line on stderr and exit status 2, printed by rank 0
+alone when every rank meets it alike. `--check` validates the config (and the files it names) in
+this one process and exits: the launch scripts run it before they start the ranks.
 """
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "same as --set train.deepspeed=...")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed
     parser.add_argument("--summary-json", default=None, help="write the run summary to this JSON file")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and the files it names, print one line and exit (0: it can run, "
+                             "2: it cannot); launch/ scripts run this once before starting the ranks")
     return parser.parse_args(argv)
 
 
@@ -37,26 +45,37 @@ def main(argv=None) -> int:
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
 
-    from pretrain.config import ConfigError, check_paths, load_config
+    from data.errors import UserError
+    from pretrain.config import check_paths, load_config
+    from pretrain.distributed import env_rank, env_world_size
 
     try:
         cfg = load_config(args.config, overrides)
         check_paths(cfg)  # missing tokenizer / data, unwritable run directory: one line, not a traceback
-    except ConfigError as e:
-        message = str(e).replace("\n", " ")
-        print(f"pretrain: config error: {message}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return user_error(f"config error: {e}", e)
+    if args.check:
+        print(f"pretrain: config {args.config} is valid for {env_world_size()} process(es); run dir {cfg.run_dir}")
+        return 0
 
     from pretrain.checkpoint import CheckpointWriteError
+    from pretrain.distributed import is_collective_failure
     from pretrain.train import train
 
     try:
         summary = train(cfg)
-    except ConfigError as e:  # ResumeError, RunDirLocked: refused before any work
-        print(f"pretrain: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:  # a refused resume, a locked run dir, a bad tokenizer or data line, ...
+        return user_error(str(e), e)
     except CheckpointWriteError as e:  # disk full: the previous checkpoint is intact
         print(f"pretrain: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # a peer died or hung past train.collective_timeout_s
+        if not is_collective_failure(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"pretrain: rank {env_rank()}: a collective failed ({e.__class__.__name__}: {first}); a peer process "
+              f"died or hung (train.collective_timeout_s = {cfg.train.collective_timeout_s:g}); see the other ranks' "
+              "output, then resume with --resume auto", file=sys.stderr)
         return 1
     if args.summary_json:
         with open(args.summary_json, "w") as f:
@@ -65,6 +84,15 @@ def main(argv=None) -> int:
         print(f"pretrain: stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint "
               f"{summary['checkpoint']} (resume with --resume auto)", flush=True)
     return 0
+
+
+def user_error(message: str, error) -> int:
+    """Print `message` as one line (rank 0 alone, unless only some ranks may meet `error`); exit status 2."""
+    from pretrain.distributed import env_rank
+
+    if env_rank() == 0 or not error.every_rank:
+        print(f"pretrain: {message}".replace("\n", " "), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

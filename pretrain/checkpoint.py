@@ -52,7 +52,7 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
 OPTIMIZER_INDEX = INDEX_FILE  # written by optim.sharded.ShardedOptimizer.save_sharded
 MANIFEST = "manifest.json"
-REQUIRED = ("model.pt", "trainer.pt")  # what a checkpoint without a manifest (older code) must hold
+REQUIRED = ("model.pt", "trainer.pt")  # what every manifest must list (model.pt: or dcp/.metadata)
 DCP_DIR = "dcp"  # train.parallelism fsdp: model and optimizer shards (pretrain/dcp_state.py)
 DCP_METADATA = f"{DCP_DIR}/.metadata"  # stands in for model.pt in a DCP checkpoint's manifest
 
@@ -157,8 +157,9 @@ def prune(root: Path, step: int, keep_last: int) -> None:
 
 
 def _write(path: Path, obj) -> None:
-    """torch.save `obj` (text as is) to `path` through a Python file, so that a full disk raises
-    OSError(ENOSPC) naming `path` (torch's own writer says only "unexpected pos")."""
+    """torch.save `obj` (text as is) to `path` through a Python file. Any failure is raised as an
+    OSError naming `path`: a full disk may surface as torch's zip writer's RuntimeError ("unexpected
+    pos"), which names no file."""
     try:
         with open(path, "w" if isinstance(obj, str) else "wb") as f:
             if isinstance(obj, str):
@@ -169,6 +170,24 @@ def _write(path: Path, obj) -> None:
         if e.filename is None:
             e.filename = str(path)
         raise
+    except Exception as e:  # noqa: BLE001 - whatever the writer raised: the caller reports the file
+        raise OSError(getattr(e, "errno", None), _describe_write_error(e, path), str(path)) from e
+
+
+def _describe_write_error(error: BaseException, path: Path) -> str:
+    """What went wrong, in a few words: "no space left on device" when the filesystem is full (whatever
+    the writer raised for it), else the error's type and first line."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "no space left on device"
+    try:
+        full = shutil.disk_usage(next(p for p in [Path(path), *Path(path).parents] if p.exists())).free < (1 << 20)
+    except (OSError, StopIteration):
+        full = False
+    if full:  # torch's zip writer turns ENOSPC into RuntimeError("... unexpected pos ...")
+        return "no space left on device"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return f"{error.__class__.__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
 
 
 def _sha256(path: Path) -> str:
@@ -190,12 +209,11 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     """None if checkpoint `path` is whole, else what is wrong ("model.pt: size 123 != 4567").
 
     Sizes and checksums against its manifest. A checkpoint without a manifest (written before
-    manifests existed) cannot be verified: it passes if model.pt and trainer.pt exist.
+    manifests existed) is verified by reading it (`_readable`).
     """
     path = Path(path)
     if not (path / MANIFEST).is_file():
-        missing = [name for name in REQUIRED if not (path / name).is_file()]
-        return f"{missing[0]}: missing (and no {MANIFEST} to check the rest)" if missing else None
+        return _readable(path)
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
         sizes = {name: int(entry["size"]) for name, entry in files.items()}
@@ -212,6 +230,34 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     for name, entry in files.items():
         if _sha256(path / name) != entry.get("sha256"):
             return f"{name}: sha256 differs from {MANIFEST}"
+    return None
+
+
+def _readable(path: Path) -> str | None:
+    """None if every file of checkpoint `path` (one without a manifest) reads back, else what is wrong:
+    each .pt through torch.load(weights_only=True) (mmap: the tensors are not read into memory, the
+    archive and its records are checked), the JSON and YAML parsed, DCP metadata through the
+    restricted unpickler."""
+    required = ["trainer.pt", "model_config.json"] + ([DCP_METADATA] if is_dcp_checkpoint(path) else ["model.pt"])
+    missing = [name for name in required if not (path / name).is_file()]
+    if missing:
+        return f"{missing[0]}: missing (and no {MANIFEST} to check the rest)"
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = file.relative_to(path).as_posix()
+        try:
+            if file.suffix == ".pt":
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+            elif file.suffix == ".yaml":
+                yaml.safe_load(file.read_text())
+            elif name == DCP_METADATA:
+                from pretrain.dcp_state import read_metadata
+
+                read_metadata(file.parent)
+        except Exception as e:  # noqa: BLE001 - whatever a damaged file makes its reader raise
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            return f"{name}: unreadable without {MANIFEST} ({e.__class__.__name__}: {first})"
     return None
 
 
@@ -367,7 +413,9 @@ class CheckpointManager:
         return self.root / step_dir_name(step)
 
     def _attempt(self, where: Path, write, *args, **kwargs) -> str | None:
-        """None if `write` succeeded, else the one-line report of its OSError (naming its file, else `where`)."""
+        """None if `write` succeeded, else the one-line report of whatever it raised (naming its file,
+        else `where`): a save that fails for any reason must leave the previous checkpoint and a clean
+        staging directory behind, never a traceback."""
         from torch.distributed.checkpoint.api import CheckpointException
 
         try:
@@ -375,14 +423,11 @@ class CheckpointManager:
             return None
         except CheckpointException as e:  # DCP: every rank gets every rank's failures; report the first
             rank, (error, _) = min(e.failures.items(), key=lambda item: item[0])
-            if not isinstance(error, OSError):
-                raise
-            what = f"rank {rank}: " + ("no space left on device" if error.errno == errno.ENOSPC
-                                       else (error.strerror or str(error)))
-            filename = error.filename
-        except OSError as e:
-            what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            filename = e.filename
+            filename = getattr(error, "filename", None)
+            what = f"rank {rank}: " + _describe_write_error(error, Path(filename or where))
+        except Exception as e:  # noqa: BLE001 - OSError from _write, or anything else a writer raises
+            filename = getattr(e, "filename", None)
+            what = _describe_write_error(e, Path(filename or where))
         previous = latest_checkpoint(self.root)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         return f"checkpoint: {what} while writing {filename or where}; {kept}"
@@ -439,7 +484,27 @@ class CheckpointManager:
             key, old, new = fixed[0]
             raise ResumeError(f"resume: {key} cannot change on resume (checkpoint {path} has {old!r}, this run "
                               f"{new!r}); set it back to {old!r}, or start a new run in another log.run_dir")
+        self._check_data_layout(path, changed, bool((new_config.get("checkpoint") or {}).get("allow_world_size_change")))
         return [f"resume: {key} {old} -> {new} ({note})" for key, old, new, note in changed]
+
+    def _check_data_layout(self, path: Path, changed: list, allowed: bool) -> None:
+        """Each rank's data position is saved for the saved world size, micro batch and loader workers:
+        at the same world size neither of the other two may change (the loader cannot continue from it);
+        another world size is refused unless allowed (then every stream is remapped)."""
+        saved = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True).get("world_size", self.world_size)
+        if saved == self.world_size:
+            for key, old, new, _ in changed:
+                if key in ("train.micro_batch_size", "data.num_workers"):
+                    raise ResumeError(f"resume: {key} cannot change at the same number of processes (checkpoint {path} "
+                                      f"has {old!r}, this run {new!r}): each rank's data position is saved in batches "
+                                      f"of that layout; set it back to {old!r}, or start a new run in another "
+                                      "log.run_dir")
+        elif not allowed:
+            raise ResumeError(
+                f"resume: checkpoint {path} was written by {saved} rank(s); this run has {self.world_size}. Weights, "
+                "optimizer and schedule would load exactly, but each rank's data position cannot: resume with "
+                f"{saved} process(es), or set checkpoint.allow_world_size_change=true to continue the data "
+                "from a remapped position (data.loader.remap_train_state: a few lines skipped, none read twice)")
 
     def _check_format(self, path: Path, saved_config: dict) -> None:
         """Only fsdp reads DCP checkpoints (dcp/), and fsdp reads nothing else (ResumeError naming both)."""

@@ -26,11 +26,12 @@ from typing import Any, Literal
 
 import yaml
 
+from data.errors import UserError
 from data.loader import DataConfig  # neither data/ nor optim/ imports pretrain/: no cycle
 from optim.factory import OptimConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot run: the message names the key, the bad value and the fix."""
 
 
@@ -71,6 +72,10 @@ class TrainConfig:
     sharded_optimizer: bool | None = None  # old spelling, still read: true = parallelism zero, false = replicate
     deepspeed: str | None = None  # a DeepSpeed JSON (ZeRO stage 0, configs/deepspeed/): parallelism deepspeed
     replica_check_every: int = 0  # every N steps all ranks compare weight checksums (0: never); a debug aid
+    # Seconds a collective may wait for a peer before it fails (the process group's timeout): a rank stuck on
+    # a dead or hung peer ends the job in bounded time. Generous, since a checkpoint save or an evaluation on
+    # one rank may hold the others at the next collective for minutes.
+    collective_timeout_s: float = 1800.0
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step: total / (micro * world)."""
@@ -197,6 +202,11 @@ def check_paths(cfg: RunConfig) -> None:
     if tokenizer != "sample" and not os.path.isfile(tokenizer):
         raise ConfigError(f"data.tokenizer = {tokenizer!r} is not a file; pass a SentencePiece .model file "
                           "(train one with `python -m data.tokenizer train`) or 'sample'")
+    if tokenizer != "sample":  # a garbage file or too many pieces, now rather than after the ranks started
+        from data.tokenizer import Tokenizer
+
+        tok = Tokenizer(tokenizer)  # UserError naming the file
+        tok.check_fits(resolve_model_config(cfg, tok.vocab_size).vocab_size)
     if cfg.data.source != "sample" and is_local(cfg.data.source):
         for split in ("train", "validation"):
             try:
@@ -411,9 +421,12 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
             raise ConfigError(f"{key} = {value} must be >= 1")
     per_step = t.micro_batch_size * world_size
     if t.total_batch_size % per_step:
+        # the README's fix keeps the recipe's global batch: a smaller micro batch, more accumulation
+        micro = [m for m in range(t.micro_batch_size - 1, 0, -1) if t.total_batch_size % (m * world_size) == 0]
+        lower = f"lower train.micro_batch_size to {micro[0]} (--set train.micro_batch_size={micro[0]}), or " if micro else ""
         raise ConfigError(
             f"train.total_batch_size = {t.total_batch_size} is not divisible by micro_batch_size x world_size = "
-            f"{t.micro_batch_size} x {world_size} = {per_step}; choose a total that is a multiple of {per_step}")
+            f"{t.micro_batch_size} x {world_size} = {per_step}; {lower}choose a total that is a multiple of {per_step}")
     if not 0 <= t.warmup_steps <= t.max_steps:
         raise ConfigError(f"train.warmup_steps = {t.warmup_steps} must be in [0, max_steps = {t.max_steps}]")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
@@ -427,6 +440,9 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
                           "(eval_every 0: only at step 0 and at the end)")
     if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
         raise ConfigError(f"train.device = {t.device!r} must be auto, cpu or cuda[:N]")
+    if not (t.collective_timeout_s > 0 and math.isfinite(t.collective_timeout_s)):
+        raise ConfigError(f"train.collective_timeout_s = {t.collective_timeout_s} must be a positive number of seconds "
+                          "(default 1800)")
     if t.replica_check_every < 0:
         raise ConfigError(f"train.replica_check_every = {t.replica_check_every} must be >= 0 (0: never)")
     if t.deepspeed is not None and not Path(t.deepspeed).is_file():

@@ -5,17 +5,101 @@ A checkpoint's `dcp/` holds {"model": ..., "optim": ...} as torch's get_state_di
 rank writes its own row shards, and a load reshards them to the ranks it runs on, at any world
 size. `load_full` reads entries back as whole tensors in one process, without a process group
 (export, tests).
+
+Nothing read here may run code. DCP's FileSystemReader unpickles `.metadata` with plain pickle, and
+its default load planner reads non-tensor entries with torch.load(weights_only=False): a crafted
+checkpoint would run whatever it names. So every read goes through `SafeReader`, which unpickles the
+metadata allowing only the classes DCP writes there (`METADATA_GLOBALS`, found by listing the globals
+of real fsdp checkpoints), and `SafePlanner`, which loads those entries with weights_only=True.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from data.errors import UserError
+
 METADATA = ".metadata"  # written last by dcp.save: its presence marks a DCP directory
+_MD = "torch.distributed.checkpoint.metadata"
+METADATA_GLOBALS = {  # everything torch 2.13's dcp.save pickles into .metadata (besides torch dtypes)
+    (_MD, "Metadata"), (_MD, "MetadataIndex"), (_MD, "StorageMeta"), (_MD, "TensorProperties"),
+    (_MD, "TensorStorageMetadata"), (_MD, "ChunkStorageMetadata"), (_MD, "BytesStorageMetadata"),
+    (_MD, "_MEM_FORMAT_ENCODING"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),  # a layout by name ("torch.strided")
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),  # StorageMeta.checkpoint_id
+    ("collections", "OrderedDict"),
+}
+
+
+class UnsafeCheckpoint(UserError):
+    """A checkpoint file that would run code (or is no DCP metadata at all) when read."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) in METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                   torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpoint(f"checkpoint file {self.path} refers to {module}.{name}, which DCP metadata never "
+                               "holds: it was not written by torch.distributed.checkpoint and would run code if "
+                               "loaded; it was not loaded (use a checkpoint you wrote yourself)")
+
+
+def read_metadata(directory: str | os.PathLike) -> Metadata:
+    """`directory`/.metadata through the restricted unpickler (UnsafeCheckpoint naming the file otherwise)."""
+    path = os.path.join(directory, METADATA)
+    with open(path, "rb") as f:
+        try:
+            metadata = _MetadataUnpickler(f, path).load()
+        except UnsafeCheckpoint:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated or garbage bytes: whatever pickle raises
+            raise UnsafeCheckpoint(f"checkpoint file {path} is not readable DCP metadata ({e.__class__.__name__}: "
+                                   f"{str(e)[:200]}); use another checkpoint") from None
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpoint(f"checkpoint file {path} holds a {type(metadata).__name__}, not DCP metadata; "
+                               "use another checkpoint")
+    return metadata
+
+
+class SafeReader(FileSystemReader):
+    """torch's FileSystemReader, reading `.metadata` with the restricted unpickler."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        metadata = read_metadata(self.path)
+        if getattr(metadata, "storage_meta", None) is None:  # what FileSystemReader.read_metadata does after loading
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """torch's DefaultLoadPlanner, loading non-tensor entries (param groups, counters) with weights_only=True."""
+
+    def load_bytes(self, read_item, value) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes does, with weights_only=False
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _load(state: dict, directory, **kwargs) -> None:
+    read_metadata(directory)  # refused here, in one line: inside dcp.load it would be one rank's wrapped failure
+    dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafePlanner(), **kwargs)
 
 
 def is_dcp_dir(path: str | os.PathLike) -> bool:
@@ -44,7 +128,7 @@ class DCPState:
     def load_state(self, directory: str | os.PathLike) -> None:
         """Collective: the shards this rank holds now, read from wherever they were saved."""
         state = self._state()
-        dcp.load(state, checkpoint_id=str(directory))
+        _load(state, directory)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -54,7 +138,7 @@ def load_full(directory: str | os.PathLike, prefix: str = "model.") -> dict[str,
     process, no process group: the template is built from the checkpoint's own metadata."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    metadata = read_metadata(directory)
     template = {name: torch.empty(md.size, dtype=md.properties.dtype)
                 for name, md in metadata.state_dict_metadata.items()
                 if name.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
@@ -62,5 +146,5 @@ def load_full(directory: str | os.PathLike, prefix: str = "model.") -> dict[str,
         raise ValueError(f"{directory} holds no tensor named {prefix}*")
     with warnings.catch_warnings():  # torch warns that it assumes one process, which is what no_dist asks
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(template, checkpoint_id=str(directory), no_dist=True)
+        _load(template, directory, no_dist=True)
     return {name[len(prefix):]: tensor for name, tensor in template.items()}

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from data.errors import UserError
 
 
 @dataclass
@@ -38,13 +41,21 @@ def env_world_size() -> int:
     return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
 
 
+def env_rank() -> int:
+    """This process's rank from the launcher's environment (0 when not launched distributed); never raises."""
+    try:
+        return _env_int("RANK", "SLURM_PROCID", default=0)
+    except ValueError:
+        return 0
+
+
 def env_ranks() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun / DeepSpeed / SLURM variables; (0, 1, 0) otherwise."""
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = env_world_size()
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     if not 0 <= rank < world:
-        raise RuntimeError(f"rank {rank} is outside world size {world}; check the launcher's RANK/WORLD_SIZE")
+        raise UserError(f"rank {rank} is outside world size {world}; check the launcher's RANK/WORLD_SIZE")
     return rank, world, local
 
 
@@ -60,8 +71,11 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device(preference)
 
 
-def setup(device_preference: str = "auto") -> DistInfo:
-    """Pick the device and, when launched with more than one process, join the process group."""
+def setup(device_preference: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Pick the device and, when launched with more than one process, join the process group.
+
+    timeout_s (train.collective_timeout_s): how long any collective of the group waits for a peer
+    before it raises, so a dead or hung peer ends the job in bounded time (None: torch's default)."""
     rank, world, local = env_ranks()
     device = pick_device(device_preference, local)
     if world > 1 and not dist.is_initialized():
@@ -69,11 +83,21 @@ def setup(device_preference: str = "auto") -> DistInfo:
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("MASTER_PORT", "29500")
         if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError("MASTER_ADDR is not set; launch with torchrun/deepspeed, or export "
-                               "MASTER_ADDR=<first node's hostname> in the SLURM script")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+            raise UserError("MASTER_ADDR is not set; launch with torchrun/deepspeed, or export "
+                            "MASTER_ADDR=<first node's hostname> in the SLURM script")
+        timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world, **timeout)
         return DistInfo(rank, world, local, device, created_group=True)
     return DistInfo(rank, world, local, device)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A collective that failed because a peer is gone or hung: torch's DistError, or the plain
+    RuntimeError gloo raises for a timeout ("Timed out waiting 3000ms for recv operation") or a
+    closed connection."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in text and any(
+        sign in text for sign in ("Timed out", "Connection closed", "Connection reset")))
 
 
 def cleanup(info: DistInfo | None = None, together: bool = False) -> None:

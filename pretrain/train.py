@@ -113,7 +113,7 @@ def seed_everything(seed: int) -> None:
 
 def train(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns a summary (losses, steps, where the run and its last checkpoint are)."""
-    dist = distributed.setup(cfg.train.device)
+    dist = distributed.setup(cfg.train.device, cfg.train.collective_timeout_s)
     finished = False
     try:
         with locked_run_dir(cfg.run_dir, dist.rank, dist.world_size), StopRequest() as stop, \
@@ -181,13 +181,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
             say(line, flush=True)  # refused above (ResumeError) if a setting that cannot change did
         trainer, how = checkpoints.load(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
                                         map_location=device)
-        saved_world = trainer["world_size"]
-        if saved_world != world and not cfg.checkpoint.allow_world_size_change:
-            raise RuntimeError(
-                f"checkpoint {resume_from} was written by {saved_world} rank(s); this run has {world}. Weights, "
-                "optimizer and schedule would load exactly, but each rank's data position cannot: resume with "
-                f"{saved_world} process(es), or set checkpoint.allow_world_size_change=true to continue the data "
-                "from a remapped position (data.loader.remap_train_state: a few lines skipped, none read twice)")
+        saved_world = trainer["world_size"]  # another world size only if allowed (check_config refused it otherwise)
         if saved_world == world:
             loader.load_state_dict(trainer["data"][dist.rank])
         else:

@@ -178,6 +178,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
 
 
 def _manager_save(manager, step, value=0.0):
@@ -267,6 +268,48 @@ def test_full_disk_is_one_line_naming_the_file_and_leaves_no_staging_directory(t
                        f"{ckpt.staging_dir(tmp_path, 2) / 'model.pt'}; the previous checkpoint {first} is intact")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # no .tmp- left behind
     assert ckpt.verify_checkpoint(first) is None
+
+
+def test_any_error_while_saving_is_one_line_naming_the_file_and_leaves_no_staging_directory(tmp_path, monkeypatch):
+    manager = ckpt.CheckpointManager(tmp_path, keep_last=5)
+    first = _manager_save(manager, 1, value=1.0)
+    real_save = torch.save
+
+    def zip_writer_fails(obj, f, *a, **k):  # what torch's zip writer raises once the disk filled up
+        if getattr(f, "name", "").endswith("model.pt"):
+            f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 128 vs 64")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", zip_writer_fails)
+    with pytest.raises(ckpt.CheckpointWriteError) as error:
+        _manager_save(manager, 2)
+    assert str(error.value) == (
+        f"checkpoint: RuntimeError: [enforce fail at inline_container.cc:664] . unexpected pos 128 vs 64 while "
+        f"writing {ckpt.staging_dir(tmp_path, 2) / 'model.pt'}; the previous checkpoint {first} is intact")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+    assert ckpt.verify_checkpoint(first) is None
+    full = types.SimpleNamespace(total=1 << 30, used=1 << 30, free=0)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: full)  # a full disk is named as such
+    with pytest.raises(ckpt.CheckpointWriteError, match="^checkpoint: no space left on device while writing "):
+        _manager_save(manager, 2)
+
+
+def test_a_checkpoint_without_manifest_is_verified_by_reading_it_and_auto_falls_back_past_it(tmp_path):
+    lines = []
+    manager = ckpt.CheckpointManager(tmp_path, keep_last=5, say=lambda *a, **k: lines.append(a[0]))
+    good, bad = _manager_save(manager, 10), _manager_save(manager, 20)
+    for path in (good, bad):  # as older code wrote them
+        (path / "manifest.json").unlink()
+    assert ckpt.verify_checkpoint(good) is None and ckpt.verify_checkpoint(bad) is None
+    data = (bad / "optimizer" / "rank00000.pt").read_bytes()
+    (bad / "optimizer" / "rank00000.pt").write_bytes(data[:len(data) // 2])  # truncated
+    problem = ckpt.verify_checkpoint(bad)
+    assert problem.startswith("optimizer/rank00000.pt: unreadable without manifest.json (RuntimeError: ")
+    assert manager.resolve("auto") == good
+    assert lines == [f"resume: checkpoint {bad} is damaged ({problem}); using {good}"]
+    (good / "model_config.json").write_text("{not json")
+    assert ckpt.verify_checkpoint(good).startswith("model_config.json: unreadable without manifest.json (JSONDecodeError")
 
 
 def test_config_changes_refuses_shape_and_method_and_lets_schedule_settings_change():

@@ -14,6 +14,7 @@ import torch
 
 from data import DataConfig, build_tokenizer, build_train_loader, build_val_batches
 from data.c4 import write_shard
+from data.errors import DataError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards box".split()
@@ -242,6 +243,41 @@ def test_strict_mode_fails_on_a_malformed_line_naming_file_and_line(tmp_path, to
         take(loader, 1)
 
 
+def test_a_line_that_fails_to_decode_for_any_reason_is_skipped_and_counted(tmp_path, tok):
+    deep = "[" * 200000  # json's decoder recurses per bracket: RecursionError, not a JSONDecodeError
+    texts = write_split(tmp_path, "train", [4], extra={(0, 1): deep, (0, 2): json.dumps({"text": 7})})
+    loader = build_train_loader(DataConfig(source=str(tmp_path), seq_len=64, packing="truncate"), tok, batch_size=4)
+    assert row_texts(take(loader, 1)[0], tok) == texts
+    assert loader.stats["malformed_lines"] == 2
+    strict = build_train_loader(DataConfig(source=str(tmp_path), strict=True), tok, batch_size=2)
+    with pytest.raises(DataError, match=r"json\.gz:2: malformed C4 line: RecursionError"):
+        take(strict, 1)
+
+
+def test_a_strict_failure_in_a_loader_worker_keeps_its_one_line_message(tmp_path, tok):
+    write_split(tmp_path, "train", [5], extra={(0, 2): "{not json"})
+    loader = build_train_loader(DataConfig(source=str(tmp_path), strict=True, num_workers=1), tok, batch_size=2)
+    with pytest.raises(DataError) as error:
+        take(loader, 1)
+    message = str(error.value)  # not the worker's traceback, which the DataLoader puts in the message
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(f"{tmp_path}/c4-train.00000-of-00001.json.gz:3: malformed C4 line: JSONDecodeError")
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_dataset(tok, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # datasets refuses at once, as an unreachable hub does after retries
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(DataError) as error:
+        build_val_batches(DataConfig(source="allenai/c4"), tok, batch_size=2, num_batches=1)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("data.source = 'allenai/c4' (en, validation) cannot be opened on the hub (ConnectionError")
+    assert message.endswith("or point data.source at a local directory of C4 shards")
+
+
 def write_damaged_split(directory):
     """Two train shards: the first with a non-UTF-8 line at line 3, the second cut off mid-stream.
 
@@ -355,8 +391,11 @@ def test_resume_refuses_a_state_from_a_different_layout(shards, tok):
     directory, _, _ = shards
     state = build_train_loader(DataConfig(source=directory), tok, batch_size=2).state_dict()
     other = build_train_loader(DataConfig(source=directory, num_workers=2), tok, batch_size=2)
-    with pytest.raises(ValueError, match="num_workers=0, 2"):
+    with pytest.raises(UserError, match="data.num_workers was 0, now 2; resume with the saved values"):
         other.load_state_dict(state)
+    smaller = build_train_loader(DataConfig(source=directory), tok, batch_size=1)  # a changed micro batch
+    with pytest.raises(UserError, match="train.micro_batch_size was 2, now 1"):
+        smaller.load_state_dict(state)
 
 
 def test_a_new_iterator_continues_where_the_last_one_stopped_and_retires_it(shards, tok):

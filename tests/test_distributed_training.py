@@ -326,7 +326,9 @@ def test_resume_one_process_checkpoint_on_two_ranks_continues_the_same_trajector
 
 def test_world_size_change_is_refused_unless_allowed(runs, monkeypatch):
     checkpoint = runs["two_dir"] / "checkpoints" / "step_00000010"
-    with pytest.raises(RuntimeError, match="written by 2 rank.*allow_world_size_change"):
+    from pretrain.checkpoint import ResumeError
+
+    with pytest.raises(ResumeError, match="written by 2 rank.*allow_world_size_change"):
         train_one_process(runs["config"], [f"log.run_dir={runs['tmp'] / 'refused'}",
                                            f"checkpoint.resume={checkpoint}"], monkeypatch, global_batch=False)
 

@@ -11,6 +11,8 @@ its shards, and a resume reshards them to any world size.
 """
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
@@ -25,7 +27,8 @@ class FSDP(Strategy):
         self._own_group = False
         if not dist.is_initialized():  # one process (not launched distributed): FSDP2 still needs a group
             backend = "nccl" if dist_info.device.type == "cuda" else "gloo"  # as pretrain.distributed.setup
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(seconds=cfg.train.collective_timeout_s))
             self._own_group = True
 
     def build_optimizer(self, model):
