@@ -1,7 +1,9 @@
 """`python -m pretrain --config configs/X.yaml [--set section.key=value ...] [--resume auto|PATH] [--deepspeed DS.json]`.
 
 Also the `pretrain` console script. Works under torchrun, the DeepSpeed launcher (which adds
-`--local_rank=N`) and SLURM srun; exits 0 when stopped by SIGTERM / SIGUSR1 after saving.
+`--local_rank=N`) and SLURM srun. Exit status: 0 done, or stopped by SIGTERM / SIGUSR1 after saving
+(the requeued job resumes); 2 a user error (config, a refused resume); 1 a checkpoint that could not be
+written; 3 the run diverged (the divergence guard's one line names the checkpoint to resume from).
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ def main(argv=None) -> int:
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump(summary, f, indent=2)
+    if summary["stopped_by"] == "diverged":  # train() printed the one line
+        return 3
     if summary["stopped_by"] not in (None, "steps_per_run"):
         print(f"pretrain: stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint "
               f"{summary['checkpoint']} (resume with --resume auto)", flush=True)

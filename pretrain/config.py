@@ -71,6 +71,10 @@ class TrainConfig:
     sharded_optimizer: bool | None = None  # old spelling, still read: true = parallelism zero, false = replicate
     deepspeed: str | None = None  # a DeepSpeed JSON (ZeRO stage 0, configs/deepspeed/): parallelism deepspeed
     replica_check_every: int = 0  # every N steps all ranks compare weight checksums (0: never); a debug aid
+    # Divergence guard (pretrain/guard.py): a step whose loss or gradient norm is not finite moves nothing and
+    # is counted; this many in a row stop the run, naming the last good checkpoint
+    max_skipped_steps: int = 5
+    loss_spike_factor: float | None = None  # k: a loss above k x the median of the recent losses is skipped too
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step: total / (micro * world)."""
@@ -427,6 +431,12 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
                           "(eval_every 0: only at step 0 and at the end)")
     if t.device not in ("auto", "cpu") and not t.device.startswith("cuda"):
         raise ConfigError(f"train.device = {t.device!r} must be auto, cpu or cuda[:N]")
+    if t.max_skipped_steps < 1:
+        raise ConfigError(f"train.max_skipped_steps = {t.max_skipped_steps} must be >= 1 (skipped steps in a row "
+                          "that stop the run)")
+    if t.loss_spike_factor is not None and not (t.loss_spike_factor > 1 and math.isfinite(t.loss_spike_factor)):
+        raise ConfigError(f"train.loss_spike_factor = {t.loss_spike_factor} must be a number > 1 (e.g. 3), or null "
+                          "to turn the loss-spike rule off")
     if t.replica_check_every < 0:
         raise ConfigError(f"train.replica_check_every = {t.replica_check_every} must be >= 0 (0: never)")
     if t.deepspeed is not None and not Path(t.deepspeed).is_file():

@@ -8,6 +8,8 @@
     evaluation   loss and perplexity on fixed validation batches: step 0, every eval_every, the end
     checkpoints  every checkpoint.every steps, on SIGTERM / SIGUSR1 (then exit 0; with several ranks
                  the signal is checked, collectively, every log_every steps), at the end
+    guard        a step whose loss or gradient norm is not finite moves nothing, is counted, and
+                 train.max_skipped_steps in a row stop the run (pretrain/guard.py decides on the device)
 
 How a step is distributed is the strategy's business (train.parallelism, pretrain/strategies/:
 single, replicate, zero, deepspeed, fsdp): it wraps the model, builds the optimizer, runs backward and
@@ -31,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import distributed
-from pretrain.checkpoint import locked_run_dir, rng_state, set_rng_state
+from pretrain.checkpoint import latest_checkpoint, locked_run_dir, rng_state, set_rng_state
 from pretrain.config import RunConfig, config_to_dict, config_to_yaml, resolve_model_config
+from pretrain.guard import DivergenceGuard
 from pretrain.memory import state_tensor_bytes
 from pretrain.metrics import MetricsLogger, Progress, peak_flops
 from pretrain.schedule import build_scheduler
@@ -163,15 +166,25 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
         f"sequences ({tokens_per_step} tokens) per step | {strategy.describe()} | weights {tc.param_dtype} | "
         f"device {device} | run dir {run_dir}", flush=True)
     checkpoints = strategy.checkpoint_manager(checkpoint_root, cfg.checkpoint.keep_last, say=say)
+    guard = DivergenceGuard(max_skipped=tc.max_skipped_steps, spike_factor=tc.loss_spike_factor, device=device,
+                            world=world, checkpoints=checkpoints, lr=cfg.optim.lr, say=say)
+    strategy.attach_guard(guard)  # the strategy holds a bad step's update back
 
-    def save(step: int) -> str:
-        """Collective: every rank calls it (each writes its optimizer shard when sharded)."""
+    def save(step: int, prune_now: bool = True) -> str | None:
+        """Collective: every rank calls it (each writes its optimizer shard when sharded). None: refused,
+        the state is not finite. prune_now False: keep_last waits until the next step proves it healthy."""
+        model_state = model.state_dict()
+        if not guard.state_is_finite(model_state, optimizer):
+            say(f"checkpoint: step {step} not written: the weights or optimizer state hold non-finite values; "
+                f"the newest checkpoint {latest_checkpoint(checkpoint_root)} is kept", file=sys.stderr, flush=True)
+            return None
         data_states = distributed.all_gather_objects(loader.state_dict(), world)  # every rank's data position
         trainer_state = {"step": step, "world_size": world, "scheduler": scheduler.state_dict(),
                          "data": data_states, "rng": rng_state()}
-        return str(checkpoints.save(step, model_state=model.state_dict(), optimizer=optimizer,
-                                    trainer_state=trainer_state, model_config=model_config_dict,
-                                    config_yaml=config_yaml))
+        path = str(checkpoints.save(step, model_state=model_state, optimizer=optimizer, trainer_state=trainer_state,
+                                    model_config=model_config_dict, config_yaml=config_yaml, prune=False))
+        guard.saved(step, prune_now)
+        return path
 
     # ---------------------------------------------------------------- resume
     step = 0
@@ -209,7 +222,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
                             resume_step=step if resume_from is not None else (-1 if cfg.checkpoint.resume else None))
     progress = Progress(total=tc.max_steps, initial=step, log_every=cfg.log.log_every, enabled=dist.is_main,
                         mode=cfg.log.progress_bar)
-    train_losses, evals, stopped_by, checksums = [], [], None, []
+    train_losses, evals, stopped_by, checksums, diverged = [], [], None, [], None
     last_saved, saved_step = None, None  # saved_step is the same on every rank (save() is collective)
     started = window_start = time.perf_counter()
     pending = []  # this rank's loss of each step since the last log, left on the device until then
@@ -220,10 +233,12 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
         losses (all-reduced together), and the scalars of `step`; speed is the mean since the last log.
         Collective: every rank calls it at the same steps."""
         nonlocal window_start
-        losses = distributed.all_reduce_sum(torch.stack(pending), world).tolist()
-        train_losses.extend(loss / world for loss in losses)
+        losses = torch.stack(pending).tolist()  # already the mean over ranks (the guard reduced each)
+        train_losses.extend(losses)
+        guard.record(losses)
         step_time = (time.perf_counter() - window_start) / len(pending)
         scalars = {"train/loss": train_losses[-1], "lr": lr, "grad_norm": float(grad_norm),
+                   "train/skipped_steps": guard.skipped,
                    "tokens_per_s": tokens_per_step / step_time, "step_time": step_time}
         scalars["model_tflops"] = model_flops_per_step / step_time / 1e12  # all ranks together
         if peak is not None:
@@ -236,7 +251,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
             scalars.update({f"subspace/{k}": v for k, v in stats.items()})
         metrics.log(step, scalars)
         progress.update(step, f"loss {train_losses[-1]:.4f} | lr {lr:.2e} | grad norm {scalars['grad_norm']:.3f} | "
-                              f"{scalars['tokens_per_s']:.0f} tok/s")
+                              f"{scalars['tokens_per_s']:.0f} tok/s" + (f" | skipped {guard.skipped}" * bool(guard.skipped)))
         pending.clear()
         window_start = time.perf_counter()
 
@@ -255,6 +270,17 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
         evals.append((step, loss))
         metrics.log(step, {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0))})
         progress.write(f"step {step:>7d} | eval loss {loss:.4f} | perplexity {math.exp(min(loss, 80.0)):.2f}")
+
+    def checkpoint(step: int, prune_now: bool, note: str = "") -> None:
+        """Save `step` unless it was skipped (its weights are an older step's, and keep_last would prune a
+        good checkpoint for it) or its state is not finite."""
+        nonlocal last_saved, saved_step
+        if guard.skipping:
+            progress.write(f"step {step:>7d} | checkpoint not written: the step was skipped (loss or gradient norm "
+                           "not finite)")
+        elif (path := save(step, prune_now)) is not None:
+            last_saved, saved_step = path, step
+            progress.write(f"step {step:>7d} | checkpoint {last_saved}{note}")
 
     def save_after_failure(step: int, data_position: dict, error: Exception) -> None:
         """Checkpoint the last completed step after step + 1 failed (one process); a failed save is
@@ -288,6 +314,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
         try:
             lr = optimizer.param_groups[0]["lr"]
             loss_sum = torch.zeros((), device=device)
+            guard.begin(step + 1, loss_sum)  # decided by the strategy's step (DeepSpeed's: inside the last backward)
             for micro in range(accum):
                 batch = next(batches)
                 labels = batch["labels"].to(device, non_blocking=True)
@@ -296,8 +323,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
                         logits = forward(batch["input_ids"].to(device, non_blocking=True))
                     loss = lm_loss(logits, labels) / accum  # mean over the global batch once summed
                     weights_moving = weights_moving or strategy.steps_in_backward  # per-layer hooks, DeepSpeed
+                    loss_sum += loss.detach()  # before backward: the guard reads it where the weights move
                     strategy.backward(loss)
-                loss_sum += loss.detach()
 
             weights_moving = True  # from here the optimizer changes weights and state
             grad_norm = strategy.step(max_norm)  # reduce over ranks, clip, step; the norm before clipping
@@ -310,29 +337,37 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
             raise
         if tc.replica_check_every and step % tc.replica_check_every == 0:
             checksums.append((step, distributed.check_replicas(model, world, step)))  # raises if ranks differ
-        pending.append(loss_sum)  # no .item(): the device runs ahead until the next log step
-        if step % log_every == 0 or step == stop_at:
+        pending.append(guard.end(grad_norm))  # no .item(): the device runs ahead until the next log step
+        at_log = step % log_every == 0 or step == stop_at
+        at_checkpoint = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+        diverged = guard.read(step) if at_log or at_checkpoint or guard.read_now else None
+        if at_log:
             log_metrics(step, lr, grad_norm)
+        if diverged:  # no final checkpoint: the newest good one stays the newest
+            say(f"pretrain: {diverged}", file=sys.stderr, flush=True)
+            stopped_by = "diverged"
+            break
 
         with off_the_clock():
             if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
                 run_evaluation(step)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                last_saved, saved_step = save(step), step
-                progress.write(f"step {step:>7d} | checkpoint {last_saved}")
+            if at_checkpoint:
+                checkpoint(step, prune_now=False)  # pruned once the next step proves it healthy
 
     if pending:  # stopped by a signal between log steps (one process): log the last step
+        guard.read(step)
         log_metrics(step, lr, grad_norm)
 
     # ---------------------------------------------------------------- final checkpoint
     if stopped_by is None and step < tc.max_steps:
         stopped_by = "steps_per_run"
-    if saved_step != step:
+    if saved_step != step and stopped_by != "diverged":
         if step > start_step or resume_from is None:
-            last_saved, saved_step = save(step), step
-            progress.write(f"step {step:>7d} | checkpoint {last_saved}" + (f" (stopped: {stopped_by})" if stopped_by else ""))
+            checkpoint(step, prune_now=True, note=f" (stopped: {stopped_by})" if stopped_by else "")
         else:  # nothing trained since the checkpoint we resumed from
             last_saved = str(resume_from)
+    if stopped_by != "diverged":
+        guard.finish()  # keep_last for a checkpoint of the last step, which has no next step to prove it
     progress.close()
     metrics.close()
     return {
@@ -341,6 +376,6 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
         "first_eval_loss": evals[0][1] if evals else None, "final_eval_loss": evals[-1][1] if evals else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "wall_time_s": time.perf_counter() - started, "mode": strategy.name, "strategy": strategy.describe(),
-        "weight_checksums": checksums,
+        "weight_checksums": checksums, "skipped_steps": guard.skipped, "diverged": diverged,
         "optimizer_state_bytes": state_tensor_bytes(optimizer),  # this rank's
     }
