@@ -2,8 +2,9 @@
 
 Also the `pretrain` console script. Works under torchrun, the DeepSpeed launcher (which adds
 `--local_rank=N`) and SLURM srun. Exit status: 0 done, or stopped by SIGTERM / SIGUSR1 after saving
-(the requeued job resumes); 2 a user error (config, a refused resume); 1 a checkpoint that could not be
-written; 3 the run diverged (the divergence guard's one line names the checkpoint to resume from).
+(the requeued job resumes); 130 stopped by Ctrl-C (SIGINT) after saving; 2 a user error (config, a
+refused resume); 1 a checkpoint that could not be written; 3 the run diverged (the divergence
+guard's one line names the checkpoint to resume from).
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ def main(argv=None) -> int:
 
     try:
         summary = train(cfg)
+    except KeyboardInterrupt:  # Ctrl-C during set-up (before the loop saves on it), or a second Ctrl-C
+        print("pretrain: interrupted (Ctrl-C); nothing more was saved", file=sys.stderr, flush=True)
+        return 130
     except ConfigError as e:  # ResumeError, RunDirLocked: refused before any work
         print(f"pretrain: {e}", file=sys.stderr)
         return 2
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
     if summary["stopped_by"] not in (None, "steps_per_run"):
         print(f"pretrain: stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint "
               f"{summary['checkpoint']} (resume with --resume auto)", flush=True)
-    return 0
+    return 130 if summary["stopped_by"] == "SIGINT" else 0
 
 
 if __name__ == "__main__":

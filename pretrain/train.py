@@ -6,7 +6,7 @@
                  (losses and gradient norm stay on the device; read every log.log_every steps, so the
                  host waits for the device only at log, evaluation and checkpoint steps)
     evaluation   loss and perplexity on fixed validation batches: step 0, every eval_every, the end
-    checkpoints  every checkpoint.every steps, on SIGTERM / SIGUSR1 (then exit 0; with several ranks
+    checkpoints  every checkpoint.every steps, on SIGTERM / SIGUSR1 / SIGINT (then exit; with several ranks
                  the signal is checked, collectively, every log_every steps), at the end
     guard        a step whose loss or gradient norm is not finite moves nothing, is counted, and
                  train.max_skipped_steps in a row stop the run (pretrain/guard.py decides on the device)
@@ -40,11 +40,12 @@ from pretrain.memory import state_tensor_bytes
 from pretrain.metrics import MetricsLogger, Progress, peak_flops
 from pretrain.schedule import build_scheduler
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends one of them before preempting a job
+# SLURM sends SIGTERM or SIGUSR1 before preempting a job; SIGINT is Ctrl-C (a second one interrupts at once)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
-    """Remembers a SIGTERM / SIGUSR1; the loop checks it at a step boundary (every step with one process,
+    """Remembers a SIGTERM / SIGUSR1 / SIGINT; the loop checks it at a step boundary (every step with one process,
     every log_every steps with several: the check is an all-reduce), saves and exits."""
 
     def __init__(self):
@@ -61,6 +62,8 @@ class StopRequest:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the save
         self.signum = signum
 
     def agreed(self, world: int, device: torch.device) -> int | None:
