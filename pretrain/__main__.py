@@ -2,8 +2,8 @@
 
 Also the `pretrain` console script. Works under torchrun, the DeepSpeed launcher (which adds
 `--local_rank=N`) and SLURM srun. Exit status: 0 done, or stopped by SIGTERM / SIGUSR1 after saving
-(the requeued job resumes); 130 stopped by Ctrl-C (SIGINT) after saving; 2 a user error (config, a
-refused resume); 1 a checkpoint that could not be written; 3 the run diverged (the divergence
+(the requeued job resumes); 130 stopped by Ctrl-C (SIGINT) after saving; 2 a user error (config, a used
+run dir, a refused resume); 1 a checkpoint that could not be written; 3 the run diverged (the divergence
 guard's one line names the checkpoint to resume from).
 """
 from __future__ import annotations
@@ -22,6 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None,
                         help="'auto' (latest complete checkpoint of the run, if any) or a checkpoint directory; "
                              "same as --set checkpoint.resume=...")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over in a run dir an earlier run used: its contents are moved aside to "
+                             "<run_dir>.old-<time> (without it such a run dir is refused; --resume auto continues it)")
     parser.add_argument("--deepspeed", default=None, metavar="DS_CONFIG",
                         help="run under the DeepSpeed engine with this JSON (configs/deepspeed/zero0.json); "
                              "same as --set train.deepspeed=...")
@@ -54,11 +57,11 @@ def main(argv=None) -> int:
     from pretrain.train import train
 
     try:
-        summary = train(cfg)
+        summary = train(cfg, restart=args.restart)
     except KeyboardInterrupt:  # Ctrl-C during set-up (before the loop saves on it), or a second Ctrl-C
         print("pretrain: interrupted (Ctrl-C); nothing more was saved", file=sys.stderr, flush=True)
         return 130
-    except ConfigError as e:  # ResumeError, RunDirLocked: refused before any work
+    except ConfigError as e:  # ResumeError, RunDirLocked, RunDirUsed: refused before any work
         print(f"pretrain: {e}", file=sys.stderr)
         return 2
     except CheckpointWriteError as e:  # disk full: the previous checkpoint is intact

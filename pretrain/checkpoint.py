@@ -155,7 +155,8 @@ def prune(root: Path, step: int, keep_last: int | None, spare: str | os.PathLike
 
     Checkpoints newer than `step` come from a trajectory this run abandoned (it resumed from an
     older checkpoint, or fell back past a damaged one): they are renamed `abandoned-step_*`, kept
-    on disk but never picked by `--resume auto`, rather than deleted or resumed from later.
+    on disk but never picked by `--resume auto`, rather than deleted or resumed from later. (A fresh
+    run never meets them: pretrain/rundir.py refuses a used run dir without --resume or --restart.)
     """
     checkpoints = list_checkpoints(root)
     for newer in [c for c in checkpoints if int(STEP_DIR.match(c.name).group(1)) > step]:

@@ -32,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pretrain import distributed
+from pretrain import distributed, rundir
 from pretrain.checkpoint import latest_checkpoint, locked_run_dir, rng_state, set_rng_state
 from pretrain.config import RunConfig, config_to_dict, config_to_yaml, resolve_model_config
 from pretrain.guard import DivergenceGuard
@@ -117,13 +117,18 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def train(cfg: RunConfig) -> dict:
-    """Train as `cfg` says; returns a summary (losses, steps, where the run and its last checkpoint are)."""
+def train(cfg: RunConfig, restart: bool = False) -> dict:
+    """Train as `cfg` says; returns a summary (losses, steps, where the run and its last checkpoint are).
+    A run dir an earlier run used needs cfg.checkpoint.resume, or `restart` to move its contents aside
+    (pretrain/rundir.py)."""
     dist = distributed.setup(cfg.train.device)
     finished = False
     try:
         with locked_run_dir(cfg.run_dir, dist.rank, dist.world_size), StopRequest() as stop, \
                 contextlib.ExitStack() as on_exit:  # one job per run dir; on_exit: the strategy's close()
+            moved = rundir.claim(cfg.run_dir, cfg.checkpoint.resume, restart, dist.rank, dist.world_size)
+            if moved and dist.is_main:
+                print(moved, flush=True)
             summary = _train(cfg, dist, stop, on_exit)
         finished = True
         return summary
