@@ -296,6 +296,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
         try:
             loader.load_state_dict(data_position)  # un-read the failed step's batches: resume re-reads them
             path = save(step)
+            if path is None:  # refused: non-finite state (the line above says so)
+                return
         except Exception as save_error:
             print(f"pretrain: step {step + 1} failed ({error!r}); saving step {step} failed too "
                   f"({save_error!r}); resume from an earlier checkpoint", file=sys.stderr, flush=True)

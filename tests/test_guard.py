@@ -223,3 +223,22 @@ def test_every_rank_skips_the_step_one_rank_found_non_finite(tmp_path, mode):
     assert same_losses(ranks[0]["losses"], ranks[1]["losses"])  # the same global loss on both, NaN at step 3
     assert math.isnan(ranks[0]["losses"][2]) and math.isfinite(ranks[0]["losses"][-1])
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_00000006")
+
+
+def test_per_layer_updates_count_a_nan_step_stop_and_keep_it_out_of_checkpoints(tmp_path, capsys):
+    """optim.per_layer steps each weight inside backward: the bad step cannot be held back, but it is
+    counted, the run stops, and its non-finite weights are never saved."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(nano_config(tmp_path), [f"log.run_dir={run_dir}", "optim.per_layer=true",
+                                              "train.grad_clip=0", "train.total_batch_size=2",
+                                              "train.max_steps=10", "train.eval_batches=1", "checkpoint.every=1",
+                                              "train.max_skipped_steps=2"], world_size=1)
+    with poisoned_loss(at_step=3):
+        summary = train_module.train(cfg)
+    assert summary["stopped_by"] == "diverged" and summary["step"] == 4 and summary["skipped_steps"] == 2
+    assert "checkpoint: step 3 not written: the weights or optimizer state hold non-finite values" not in \
+        capsys.readouterr().err  # step 3 itself was skipped: nothing is written for it at all
+    names = [p.name for p in list_checkpoints(run_dir / "checkpoints")]
+    assert names == ["step_00000001", "step_00000002"]
+    for path in list_checkpoints(run_dir / "checkpoints"):
+        assert all(torch.isfinite(v).all() for v in load_checkpoint(path)["model"].values())
