@@ -81,7 +81,7 @@ class DivergenceGuard:
         """This step's verdict, a 0-dim bool on the device (computed once per step)."""
         if self._ok is not None:
             return self._ok
-        loss = self.loss  # the step's loss summed over ranks
+        loss = self.loss  # the step's loss, the same on every rank
         norm = torch.as_tensor(grad_norm, device=self.device).detach().reshape(()).double()
         loss64 = loss.double()
         ok = torch.isfinite(loss64) & torch.isfinite(norm) & (loss64 <= self.limit)
@@ -99,7 +99,7 @@ class DivergenceGuard:
 
     @property
     def loss(self) -> torch.Tensor:
-        """The step's loss summed over ranks (the mean once divided by the world size)."""
+        """The step's loss, the mean over ranks (all-reduced once per step: every rank decides alike)."""
         if not isinstance(self._loss, tuple):
             self._loss = (distributed.all_reduce_sum(self._loss.detach().clone(), self.world) / self.world,)
         return self._loss[0]
