@@ -42,6 +42,8 @@ def main(argv=None) -> int:
         overrides.append(f"train.deepspeed={args.deepspeed}")
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
+    elif args.restart:  # starting over outranks a recipe's `checkpoint.resume: auto` (an explicit --resume does not)
+        overrides.append("checkpoint.resume=null")
 
     from pretrain.config import ConfigError, check_paths, load_config
 

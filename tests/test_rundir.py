@@ -71,3 +71,13 @@ def test_a_run_dir_without_checkpoints_or_metrics_starts_fresh(tmp_path, leftove
     (run_dir / leftover).write_text("from a run that died during set-up\n")
     assert cli.main(argv(tmp_path, run_dir)) == 0
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3]
+
+
+def test_restart_outranks_a_recipe_that_resumes_by_default(tmp_path, capsys):
+    """The C4 recipes set checkpoint.resume: auto; --restart still starts over (an explicit --resume does not)."""
+    run_dir = first_run(tmp_path)
+    config = tmp_path / "resuming.yaml"
+    config.write_text(nano_config(tmp_path).read_text() + "  resume: auto\n")  # NANO ends in its checkpoint section
+    assert cli.main(["--config", str(config), "--set", f"log.run_dir={run_dir}", *SHORT, "--restart"]) == 0
+    assert "pretrain: --restart: moved" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3]
