@@ -233,13 +233,13 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
     train_losses, evals, stopped_by, checksums, diverged = [], [], None, [], None
     last_saved, saved_step = None, None  # saved_step is the same on every rank (save() is collective)
     started = window_start = time.perf_counter()
-    pending = []  # this rank's loss of each step since the last log, left on the device until then
+    pending = []  # each step's loss since the last log (the mean over ranks), left on the device until then
     log_every = cfg.log.log_every
 
     def log_metrics(step: int, lr: float, grad_norm: torch.Tensor) -> None:
-        """The one place the loop waits for the device between evaluations and checkpoints: the pending
-        losses (all-reduced together), and the scalars of `step`; speed is the mean since the last log.
-        Collective: every rank calls it at the same steps."""
+        """Where the loop waits for the device between evaluations and checkpoints (besides the guard's
+        fallback, pretrain/guard.py): the pending losses and the scalars of `step`; speed is the mean
+        since the last log. Collective: every rank calls it at the same steps."""
         nonlocal window_start
         losses = torch.stack(pending).tolist()  # already the mean over ranks (the guard reduced each)
         train_losses.extend(losses)
