@@ -1,10 +1,13 @@
 """`python -m pretrain --config configs/X.yaml [--set section.key=value ...] [--resume auto|PATH] [--deepspeed DS.json]`.
 
 Also the `pretrain` console script. Works under torchrun, the DeepSpeed launcher (which adds
-`--local_rank=N`) and SLURM srun; exits 0 when stopped by SIGTERM / SIGUSR1 after saving.
+`--local_rank=N`) and SLURM srun. Exit status: 0 done, or stopped by SIGTERM / SIGUSR1 after saving
+(the requeued job resumes); 130 stopped by Ctrl-C (SIGINT) after saving; 2 a user error (config, a used
+run dir, a refused resume); 1 a checkpoint that could not be written; 3 the run diverged (the divergence
+guard's one line names the checkpoint to resume from).
 
-Bad user input (data.errors.UserError: a config error, a refused resume, a bad tokenizer or data
-line, a checkpoint that would run code) is one line on stderr and exit status 2, printed by rank 0
+Bad user input (data.errors.UserError: a config error, a refused resume, a used run dir, a bad
+tokenizer or data line, a checkpoint that would run code) is one line on stderr, printed by rank 0
 alone when every rank meets it alike. `--check` validates the config (and the files it names) in
 this one process and exits: the launch scripts run it before they start the ranks.
 """
@@ -24,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None,
                         help="'auto' (latest complete checkpoint of the run, if any) or a checkpoint directory; "
                              "same as --set checkpoint.resume=...")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over in a run dir an earlier run used: its contents are moved aside to "
+                             "<run_dir>.old-<time> (without it such a run dir is refused; --resume auto continues it)")
     parser.add_argument("--deepspeed", default=None, metavar="DS_CONFIG",
                         help="run under the DeepSpeed engine with this JSON (configs/deepspeed/zero0.json); "
                              "same as --set train.deepspeed=...")
@@ -44,6 +50,8 @@ def main(argv=None) -> int:
         overrides.append(f"train.deepspeed={args.deepspeed}")
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
+    elif args.restart:  # starting over outranks a recipe's `checkpoint.resume: auto` (an explicit --resume does not)
+        overrides.append("checkpoint.resume=null")
 
     from data.errors import UserError
     from pretrain.config import check_paths, load_config
@@ -63,8 +71,11 @@ def main(argv=None) -> int:
     from pretrain.train import train
 
     try:
-        summary = train(cfg)
-    except UserError as e:  # a refused resume, a locked run dir, a bad tokenizer or data line, ...
+        summary = train(cfg, restart=args.restart)
+    except KeyboardInterrupt:  # Ctrl-C during set-up (before the loop saves on it), or a second Ctrl-C
+        print("pretrain: interrupted (Ctrl-C); nothing more was saved", file=sys.stderr, flush=True)
+        return 130
+    except UserError as e:  # a refused resume, a locked or used run dir, a bad tokenizer or data line, ...
         return user_error(str(e), e)
     except CheckpointWriteError as e:  # disk full: the previous checkpoint is intact
         print(f"pretrain: {e}", file=sys.stderr)
@@ -80,10 +91,12 @@ def main(argv=None) -> int:
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump(summary, f, indent=2)
+    if summary["stopped_by"] == "diverged":  # train() printed the one line
+        return 3
     if summary["stopped_by"] not in (None, "steps_per_run"):
         print(f"pretrain: stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint "
               f"{summary['checkpoint']} (resume with --resume auto)", flush=True)
-    return 0
+    return 130 if summary["stopped_by"] == "SIGINT" else 0
 
 
 def user_error(message: str, error) -> int:

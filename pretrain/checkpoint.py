@@ -73,6 +73,11 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(path: str | os.PathLike) -> int:
+    """The step of checkpoint directory `path` (step_00000100 -> 100)."""
+    return int(STEP_DIR.match(Path(path).name).group(1))
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     """Complete checkpoints under `root`, oldest first (temporary directories are ignored)."""
     root = Path(root)
@@ -103,8 +108,10 @@ def prepare_staging(root: str | os.PathLike, step: int, subdir: str = "optimizer
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict | None, model_config: dict,
-                    optimizer_state: dict | None, trainer_state: dict, config_yaml: str, keep_last: int) -> Path:
-    """Write checkpoint `step` under `root` atomically, then delete all but the newest `keep_last`.
+                    optimizer_state: dict | None, trainer_state: dict, config_yaml: str,
+                    keep_last: int | None) -> Path:
+    """Write checkpoint `step` under `root` atomically, then delete all but the newest `keep_last`
+    (None: delete nothing yet, the caller prunes later; newer abandoned ones are set aside either way).
 
     optimizer_state: a state_dict, written as optimizer/rank00000.pt; or None when the ranks
     already wrote their shards into `staging_dir(root, step)/optimizer` (after `prepare_staging`).
@@ -141,19 +148,25 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict | N
     return final
 
 
-def prune(root: Path, step: int, keep_last: int) -> None:
-    """Keep the newest `keep_last` checkpoints up to `step`, the one just written among them.
+def prune(root: Path, step: int, keep_last: int | None, spare: str | os.PathLike | None = None) -> None:
+    """Keep the newest `keep_last` checkpoints up to `step`, the one just written among them, and
+    `spare` (the divergence guard's newest checkpoint from before the trouble, pretrain/guard.py);
+    keep_last None: only set the abandoned ones aside.
 
     Checkpoints newer than `step` come from a trajectory this run abandoned (it resumed from an
     older checkpoint, or fell back past a damaged one): they are renamed `abandoned-step_*`, kept
-    on disk but never picked by `--resume auto`, rather than deleted or resumed from later.
+    on disk but never picked by `--resume auto`, rather than deleted or resumed from later. (A fresh
+    run never meets them: pretrain/rundir.py refuses a used run dir without --resume or --restart.)
     """
     checkpoints = list_checkpoints(root)
     for newer in [c for c in checkpoints if int(STEP_DIR.match(c.name).group(1)) > step]:
         os.replace(newer, newer.with_name(f"abandoned-{newer.name}"))
     current = [c for c in checkpoints if int(STEP_DIR.match(c.name).group(1)) <= step]
+    if keep_last is None:
+        return
     for old in current[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if spare is None or old.resolve() != Path(spare).resolve():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _write(path: Path, obj) -> None:
@@ -377,8 +390,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, *, model_state: dict, optimizer, trainer_state: dict, model_config: dict,
-             config_yaml: str) -> Path:
+             config_yaml: str, prune: bool = True) -> Path:
         """Write checkpoint `step`; with `sharded` every rank first writes its optimizer shard.
+        prune False: the older ones stay until `prune_to(step)` (the divergence guard confirms it first).
 
         A failed write (disk full, ...) on any rank removes the staging directory and raises
         CheckpointWriteError on every rank, naming the file; the previous checkpoint stays the latest.
@@ -404,13 +418,19 @@ class CheckpointManager:
                                     model_state=None if self.state is not None else model_state,
                                     model_config=model_config,
                                     optimizer_state=None if self.sharded or self.state else optimizer.state_dict(),
-                                    trainer_state=trainer_state, config_yaml=config_yaml, keep_last=self.keep_last)
+                                    trainer_state=trainer_state, config_yaml=config_yaml,
+                                    keep_last=self.keep_last if prune else None)
         if self.rank == 0 and failure is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         failure = self._gather(failure)[0]  # rank 0's verdict, after its rename
         if failure is not None:
             raise CheckpointWriteError(failure)
         return self.root / step_dir_name(step)
+
+    def prune_to(self, step: int, spare=None) -> None:
+        """keep_last after a `save(step, prune=False)`, sparing `spare` (rank 0 deletes; no collective)."""
+        if self.rank == 0:
+            prune(self.root, step, self.keep_last, spare)
 
     def _attempt(self, where: Path, write, *args, **kwargs) -> str | None:
         """None if `write` succeeded, else the one-line report of whatever it raised (naming its file,

@@ -76,6 +76,10 @@ class TrainConfig:
     # a dead or hung peer ends the job in bounded time. Generous, since a checkpoint save or an evaluation on
     # one rank may hold the others at the next collective for minutes.
     collective_timeout_s: float = 1800.0
+    # Divergence guard (pretrain/guard.py): a step whose loss or gradient norm is not finite moves nothing and
+    # is counted; this many in a row stop the run, naming the last good checkpoint
+    max_skipped_steps: int = 5
+    loss_spike_factor: float | None = None  # k: a loss above k x the median of the recent losses is skipped too
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step: total / (micro * world)."""
@@ -443,6 +447,12 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     if not (t.collective_timeout_s > 0 and math.isfinite(t.collective_timeout_s)):
         raise ConfigError(f"train.collective_timeout_s = {t.collective_timeout_s} must be a positive number of seconds "
                           "(default 1800)")
+    if t.max_skipped_steps < 1:
+        raise ConfigError(f"train.max_skipped_steps = {t.max_skipped_steps} must be >= 1 (skipped steps in a row "
+                          "that stop the run)")
+    if t.loss_spike_factor is not None and not (t.loss_spike_factor > 1 and math.isfinite(t.loss_spike_factor)):
+        raise ConfigError(f"train.loss_spike_factor = {t.loss_spike_factor} must be a number > 1 (e.g. 3), or null "
+                          "to turn the loss-spike rule off")
     if t.replica_check_every < 0:
         raise ConfigError(f"train.replica_check_every = {t.replica_check_every} must be >= 0 (0: never)")
     if t.deepspeed is not None and not Path(t.deepspeed).is_file():

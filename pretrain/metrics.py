@@ -18,6 +18,8 @@ class MetricsLogger:
     `resume_step`: the run resumed from that step's checkpoint, so the records of later steps (logged
     by the run that went on past it) are dropped from both, and the resumed run's records replace them;
     -1: a resume was asked for but found no checkpoint, so the run starts over and drops them all.
+    None: a fresh run, in a run dir that holds no earlier metrics (pretrain/rundir.py refuses a used one
+    without --resume, and --restart moves its files aside), so nothing is appended to an old file.
 
     On ranks other than 0 (`enabled=False`) every method does nothing.
     """

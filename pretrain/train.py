@@ -6,8 +6,10 @@
                  (losses and gradient norm stay on the device; read every log.log_every steps, so the
                  host waits for the device only at log, evaluation and checkpoint steps)
     evaluation   loss and perplexity on fixed validation batches: step 0, every eval_every, the end
-    checkpoints  every checkpoint.every steps, on SIGTERM / SIGUSR1 (then exit 0; with several ranks
+    checkpoints  every checkpoint.every steps, on SIGTERM / SIGUSR1 / SIGINT (then exit; with several ranks
                  the signal is checked, collectively, every log_every steps), at the end
+    guard        a step whose loss or gradient norm is not finite moves nothing, is counted, and
+                 train.max_skipped_steps in a row stop the run (pretrain/guard.py decides on the device)
 
 How a step is distributed is the strategy's business (train.parallelism, pretrain/strategies/:
 single, replicate, zero, deepspeed, fsdp): it wraps the model, builds the optimizer, runs backward and
@@ -30,18 +32,20 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pretrain import distributed
-from pretrain.checkpoint import locked_run_dir, rng_state, set_rng_state
+from pretrain import distributed, rundir
+from pretrain.checkpoint import latest_checkpoint, locked_run_dir, rng_state, set_rng_state
 from pretrain.config import RunConfig, config_to_dict, config_to_yaml, resolve_model_config
+from pretrain.guard import DivergenceGuard
 from pretrain.memory import state_tensor_bytes
 from pretrain.metrics import MetricsLogger, Progress, peak_flops
 from pretrain.schedule import build_scheduler
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends one of them before preempting a job
+# SLURM sends SIGTERM or SIGUSR1 before preempting a job; SIGINT is Ctrl-C (a second one interrupts at once)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
-    """Remembers a SIGTERM / SIGUSR1; the loop checks it at a step boundary (every step with one process,
+    """Remembers a SIGTERM / SIGUSR1 / SIGINT; the loop checks it at a step boundary (every step with one process,
     every log_every steps with several: the check is an all-reduce), saves and exits."""
 
     def __init__(self):
@@ -58,6 +62,8 @@ class StopRequest:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the save
         self.signum = signum
 
     def agreed(self, world: int, device: torch.device) -> int | None:
@@ -111,13 +117,18 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def train(cfg: RunConfig) -> dict:
-    """Train as `cfg` says; returns a summary (losses, steps, where the run and its last checkpoint are)."""
+def train(cfg: RunConfig, restart: bool = False) -> dict:
+    """Train as `cfg` says; returns a summary (losses, steps, where the run and its last checkpoint are).
+    A run dir an earlier run used needs cfg.checkpoint.resume, or `restart` to move its contents aside
+    (pretrain/rundir.py)."""
     dist = distributed.setup(cfg.train.device, cfg.train.collective_timeout_s)
     finished = False
     try:
         with locked_run_dir(cfg.run_dir, dist.rank, dist.world_size), StopRequest() as stop, \
                 contextlib.ExitStack() as on_exit:  # one job per run dir; on_exit: the strategy's close()
+            moved = rundir.claim(cfg.run_dir, cfg.checkpoint.resume, restart, dist.rank, dist.world_size)
+            if moved and dist.is_main:
+                print(moved, flush=True)
             summary = _train(cfg, dist, stop, on_exit)
         finished = True
         return summary
@@ -163,15 +174,25 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
         f"sequences ({tokens_per_step} tokens) per step | {strategy.describe()} | weights {tc.param_dtype} | "
         f"device {device} | run dir {run_dir}", flush=True)
     checkpoints = strategy.checkpoint_manager(checkpoint_root, cfg.checkpoint.keep_last, say=say)
+    guard = DivergenceGuard(max_skipped=tc.max_skipped_steps, spike_factor=tc.loss_spike_factor, device=device,
+                            world=world, checkpoints=checkpoints, lr=cfg.optim.lr, say=say)
+    strategy.attach_guard(guard)  # the strategy holds a bad step's update back
 
-    def save(step: int) -> str:
-        """Collective: every rank calls it (each writes its optimizer shard when sharded)."""
+    def save(step: int, prune_now: bool = True) -> str | None:
+        """Collective: every rank calls it (each writes its optimizer shard when sharded). None: refused,
+        the state is not finite. prune_now False: keep_last waits until the next step proves it healthy."""
+        model_state = model.state_dict()
+        if not guard.state_is_finite(model_state, optimizer):
+            say(f"checkpoint: step {step} not written: the weights or optimizer state hold non-finite values; "
+                f"the newest checkpoint {latest_checkpoint(checkpoint_root)} is kept", file=sys.stderr, flush=True)
+            return None
         data_states = distributed.all_gather_objects(loader.state_dict(), world)  # every rank's data position
         trainer_state = {"step": step, "world_size": world, "scheduler": scheduler.state_dict(),
                          "data": data_states, "rng": rng_state()}
-        return str(checkpoints.save(step, model_state=model.state_dict(), optimizer=optimizer,
-                                    trainer_state=trainer_state, model_config=model_config_dict,
-                                    config_yaml=config_yaml))
+        path = str(checkpoints.save(step, model_state=model_state, optimizer=optimizer, trainer_state=trainer_state,
+                                    model_config=model_config_dict, config_yaml=config_yaml, prune=False))
+        guard.saved(step, prune_now)
+        return path
 
     # ---------------------------------------------------------------- resume
     step = 0
@@ -203,21 +224,23 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
                             resume_step=step if resume_from is not None else (-1 if cfg.checkpoint.resume else None))
     progress = Progress(total=tc.max_steps, initial=step, log_every=cfg.log.log_every, enabled=dist.is_main,
                         mode=cfg.log.progress_bar)
-    train_losses, evals, stopped_by, checksums = [], [], None, []
+    train_losses, evals, stopped_by, checksums, diverged = [], [], None, [], None
     last_saved, saved_step = None, None  # saved_step is the same on every rank (save() is collective)
     started = window_start = time.perf_counter()
-    pending = []  # this rank's loss of each step since the last log, left on the device until then
+    pending = []  # each step's loss since the last log (the mean over ranks), left on the device until then
     log_every = cfg.log.log_every
 
     def log_metrics(step: int, lr: float, grad_norm: torch.Tensor) -> None:
-        """The one place the loop waits for the device between evaluations and checkpoints: the pending
-        losses (all-reduced together), and the scalars of `step`; speed is the mean since the last log.
-        Collective: every rank calls it at the same steps."""
+        """Where the loop waits for the device between evaluations and checkpoints (besides the guard's
+        fallback, pretrain/guard.py): the pending losses and the scalars of `step`; speed is the mean
+        since the last log. Collective: every rank calls it at the same steps."""
         nonlocal window_start
-        losses = distributed.all_reduce_sum(torch.stack(pending), world).tolist()
-        train_losses.extend(loss / world for loss in losses)
+        losses = torch.stack(pending).tolist()  # already the mean over ranks (the guard reduced each)
+        train_losses.extend(losses)
+        guard.record(losses)
         step_time = (time.perf_counter() - window_start) / len(pending)
         scalars = {"train/loss": train_losses[-1], "lr": lr, "grad_norm": float(grad_norm),
+                   "train/skipped_steps": guard.skipped,
                    "tokens_per_s": tokens_per_step / step_time, "step_time": step_time}
         scalars["model_tflops"] = model_flops_per_step / step_time / 1e12  # all ranks together
         if peak is not None:
@@ -230,7 +253,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
             scalars.update({f"subspace/{k}": v for k, v in stats.items()})
         metrics.log(step, scalars)
         progress.update(step, f"loss {train_losses[-1]:.4f} | lr {lr:.2e} | grad norm {scalars['grad_norm']:.3f} | "
-                              f"{scalars['tokens_per_s']:.0f} tok/s")
+                              f"{scalars['tokens_per_s']:.0f} tok/s" + (f" | skipped {guard.skipped}" * bool(guard.skipped)))
         pending.clear()
         window_start = time.perf_counter()
 
@@ -250,12 +273,25 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
         metrics.log(step, {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0))})
         progress.write(f"step {step:>7d} | eval loss {loss:.4f} | perplexity {math.exp(min(loss, 80.0)):.2f}")
 
+    def checkpoint(step: int, prune_now: bool, note: str = "") -> None:
+        """Save `step` unless it was skipped (its weights are an older step's, and keep_last would prune a
+        good checkpoint for it) or its state is not finite."""
+        nonlocal last_saved, saved_step
+        if guard.skipping:
+            progress.write(f"step {step:>7d} | checkpoint not written: the step was skipped (loss or gradient norm "
+                           "not finite)")
+        elif (path := save(step, prune_now)) is not None:
+            last_saved, saved_step = path, step
+            progress.write(f"step {step:>7d} | checkpoint {last_saved}{note}")
+
     def save_after_failure(step: int, data_position: dict, error: Exception) -> None:
         """Checkpoint the last completed step after step + 1 failed (one process); a failed save is
         reported and the caller re-raises the original error either way."""
         try:
             loader.load_state_dict(data_position)  # un-read the failed step's batches: resume re-reads them
             path = save(step)
+            if path is None:  # refused: non-finite state (the line above says so)
+                return
         except Exception as save_error:
             print(f"pretrain: step {step + 1} failed ({error!r}); saving step {step} failed too "
                   f"({save_error!r}); resume from an earlier checkpoint", file=sys.stderr, flush=True)
@@ -282,6 +318,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
         try:
             lr = optimizer.param_groups[0]["lr"]
             loss_sum = torch.zeros((), device=device)
+            guard.begin(step + 1, loss_sum)  # decided by the strategy's step (DeepSpeed's: inside the last backward)
             for micro in range(accum):
                 batch = next(batches)
                 labels = batch["labels"].to(device, non_blocking=True)
@@ -290,8 +327,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
                         logits = forward(batch["input_ids"].to(device, non_blocking=True))
                     loss = lm_loss(logits, labels) / accum  # mean over the global batch once summed
                     weights_moving = weights_moving or strategy.steps_in_backward  # per-layer hooks, DeepSpeed
+                    loss_sum += loss.detach()  # before backward: the guard reads it where the weights move
                     strategy.backward(loss)
-                loss_sum += loss.detach()
 
             weights_moving = True  # from here the optimizer changes weights and state
             grad_norm = strategy.step(max_norm)  # reduce over ranks, clip, step; the norm before clipping
@@ -304,29 +341,37 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
             raise
         if tc.replica_check_every and step % tc.replica_check_every == 0:
             checksums.append((step, distributed.check_replicas(model, world, step)))  # raises if ranks differ
-        pending.append(loss_sum)  # no .item(): the device runs ahead until the next log step
-        if step % log_every == 0 or step == stop_at:
+        pending.append(guard.end(grad_norm))  # no .item(): the device runs ahead until the next log step
+        at_log = step % log_every == 0 or step == stop_at
+        at_checkpoint = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+        diverged = guard.read(step) if at_log or at_checkpoint or guard.read_now else None
+        if at_log:
             log_metrics(step, lr, grad_norm)
+        if diverged:  # no final checkpoint: the newest good one stays the newest
+            say(f"pretrain: {diverged}", file=sys.stderr, flush=True)
+            stopped_by = "diverged"
+            break
 
         with off_the_clock():
             if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
                 run_evaluation(step)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                last_saved, saved_step = save(step), step
-                progress.write(f"step {step:>7d} | checkpoint {last_saved}")
+            if at_checkpoint:
+                checkpoint(step, prune_now=False)  # pruned once the next step proves it healthy
 
     if pending:  # stopped by a signal between log steps (one process): log the last step
+        guard.read(step)
         log_metrics(step, lr, grad_norm)
 
     # ---------------------------------------------------------------- final checkpoint
     if stopped_by is None and step < tc.max_steps:
         stopped_by = "steps_per_run"
-    if saved_step != step:
+    if saved_step != step and stopped_by != "diverged":
         if step > start_step or resume_from is None:
-            last_saved, saved_step = save(step), step
-            progress.write(f"step {step:>7d} | checkpoint {last_saved}" + (f" (stopped: {stopped_by})" if stopped_by else ""))
+            checkpoint(step, prune_now=True, note=f" (stopped: {stopped_by})" if stopped_by else "")
         else:  # nothing trained since the checkpoint we resumed from
             last_saved = str(resume_from)
+    if stopped_by != "diverged":
+        guard.finish()  # keep_last for a checkpoint of the last step, which has no next step to prove it
     progress.close()
     metrics.close()
     return {
@@ -335,7 +380,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, stop: StopRequest, on_exi
         "first_eval_loss": evals[0][1] if evals else None, "final_eval_loss": evals[-1][1] if evals else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "wall_time_s": time.perf_counter() - started, "mode": strategy.name, "strategy": strategy.describe(),
-        "weight_checksums": checksums,
+        "weight_checksums": checksums, "skipped_steps": guard.skipped, "diverged": diverged,
         "optimizer_state_bytes": state_tensor_bytes(optimizer),  # this rank's
         "optimizer_state_bytes_matrices": state_tensor_bytes(optimizer, matrices_only=True),
     }

@@ -190,7 +190,7 @@ def test_deepspeed_flag_sets_train_deepspeed(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_train(cfg):  # records the config the CLI built instead of training
+    def fake_train(cfg, restart=False):  # records the config the CLI built instead of training
         seen["cfg"] = cfg
         return {"stopped_by": None}
 

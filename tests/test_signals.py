@@ -75,6 +75,32 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{last + 2:08d}"
 
 
+def test_ctrl_c_saves_like_sigterm_and_exits_130_without_a_traceback(tmp_path):
+    config = tmp_path / "nano.yaml"
+    config.write_text(NANO)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "pretrain", "--config", str(config), "--set", f"log.run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(metric_steps(run_dir)) < 2:  # it is stepping
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err  # 128 + SIGINT, as a shell reports Ctrl-C
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "stopped by SIGINT" in out
+    last = metric_steps(run_dir)[-1]
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    assert checkpoint is not None and checkpoint.name == f"step_{last:08d}"
+
+
 def test_sigusr1_in_process_stops_at_next_step_boundary(tmp_path, monkeypatch):
     """The handler only sets a flag: the step that was running finishes, then a checkpoint is saved."""
     config = tmp_path / "nano.yaml"

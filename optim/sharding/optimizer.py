@@ -1,5 +1,7 @@
 """ShardedOptimizer: each rank steps the inner optimizer on the whole tensors it owns (optim/sharded.py
 tells the whole story); build_sharded_optimizer builds it from an optim.factory config."""
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -53,6 +55,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.rank = dist.get_rank(process_group) if distributed else 0
         self.reduce_gradients = reduce_gradients
         self.max_grad_norm = max_grad_norm
+        self.step_gate = None  # pretrain.guard.DivergenceGuard, set by the training loop's strategy
         self._clipped = False
         self.comm_bytes = {"reduce_scatter": 0, "all_gather": 0, "all_reduce": 0}
         self._grads_reduced = False
@@ -191,9 +194,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._reduce_scatter_grads()
         if self.max_grad_norm and not self._clipped:
             self.clip_grad_norm_(self.max_grad_norm)
-        self._sync_hyper()
-        self.inner.step()
-        self._all_gather_params()
+        # pretrain.guard: a step whose loss or norm is not finite moves nothing (the same verdict on every
+        # rank: the norm is global); the inner optimizer may take the verdict on the device (found_inf)
+        gate = contextlib.nullcontext(True)
+        if self.step_gate is not None and self._clipped:  # the norm of this step exists
+            gate = self.step_gate.gated(self._global_grad_norm, self.inner)
+        with gate as go:
+            if go:
+                self._sync_hyper()
+                self.inner.step()
+                self._all_gather_params()
         self._grads_reduced = self._clipped = False
 
     def zero_grad(self, set_to_none: bool = True):

@@ -7,6 +7,7 @@
         with strategy.accumulating(last=i == accum - 1):   # DDP: no_sync() on all but the last micro-batch
             loss = lm_loss(forward(x), y) / accum
             strategy.backward(loss)
+    strategy.attach_guard(guard)                  # pretrain/guard.py: a bad step's update is held back
     grad_norm = strategy.step(max_norm)           # reduce + clip + optimizer step; the norm as a device tensor
     checkpoints = strategy.checkpoint_manager(root, keep_last, say=say)   # sharded optimizer state or one file
     strategy.close()
@@ -24,6 +25,14 @@ import torch
 from pretrain.checkpoint import CheckpointManager
 
 
+class NoGuard:
+    """Every step goes ahead (a strategy used without pretrain.guard.DivergenceGuard)."""
+
+    @contextlib.contextmanager
+    def gated(self, grad_norm, optimizer):
+        yield True
+
+
 class Strategy:
     name = "?"  # the summary's "mode"
     sharded_checkpoint = False  # optimizer state saved one shard per rank (optimizer.save_sharded)
@@ -32,6 +41,14 @@ class Strategy:
     def __init__(self, cfg, dist):
         self.cfg, self.dist = cfg, dist
         self.model = self.optimizer = None
+        self.guard = NoGuard()
+
+    def attach_guard(self, guard) -> None:
+        """The divergence guard whose `gated(grad_norm, optimizer)` decides each optimizer step; call after
+        wrap(). An optimizer that clips and steps itself (optim.sharded) consults it in its step()."""
+        self.guard = guard
+        if hasattr(self.optimizer, "step_gate"):
+            self.optimizer.step_gate = guard
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         raise NotImplementedError
@@ -52,7 +69,9 @@ class Strategy:
         """Reduce gradients over ranks, clip to max_norm (inf: measure only), step the optimizer.
         Returns the global gradient norm before clipping, left on the device."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
+        with self.guard.gated(grad_norm, self.optimizer) as go:  # a non-finite step moves nothing
+            if go:
+                self.optimizer.step()
         return grad_norm
 
     def describe(self) -> str:

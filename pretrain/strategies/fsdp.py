@@ -51,8 +51,11 @@ class FSDP(Strategy):
 
     def step(self, max_norm: float) -> torch.Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # over the sharded grads
-        self.optimizer.step()
-        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        with self.guard.gated(grad_norm, self.optimizer) as go:  # the same verdict on every rank
+            if go:
+                self.optimizer.step()
+        return grad_norm
 
     def checkpoint_manager(self, root, keep_last: int, say=print):
         from pretrain.checkpoint import CheckpointManager
