@@ -52,16 +52,16 @@ class HybridOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"Adafactor momentum {momentum} must be in [0, 1) (or None: none)")
         classes = {PLAIN: torch.optim.AdamW, **MATRIX_METHODS}
         # Each inner optimizer fills its defaults into (and checks) the very dicts held here.
-        self.inner = {method: classes[method]([g for g in self.param_groups if _method(g) == method])
+        self.by_method = {method: classes[method]([g for g in self.param_groups if _method(g) == method])
                       for method in dict.fromkeys(map(_method, self.param_groups))}
-        for inner in self.inner.values():  # state an inner optimizer created up front (TrackedAdafactor's)
+        for inner in self.by_method.values():  # state an inner optimizer created up front (TrackedAdafactor's)
             self.state.update(inner.state)
         self._link()
 
     def _link(self) -> None:
         """Point the inner optimizers at this object's current groups and state (torch's
         load_state_dict replaces both)."""
-        for method, inner in self.inner.items():
+        for method, inner in self.by_method.items():
             inner.param_groups = [g for g in self.param_groups if _method(g) == method]
             inner.state = self.state
 
@@ -75,7 +75,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for method, inner in self.inner.items():
+        for method, inner in self.by_method.items():
             if method == "adafactor":
                 self._adafactor_step(inner)
             else:
