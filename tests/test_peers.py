@@ -200,15 +200,7 @@ def test_subtrack_adafactor_without_momentum_is_torch_adafactor():
     plain, matrices = split(reference)
     by_hand = [torch.optim.Adafactor(matrices, lr=LR, weight_decay=0.01),
                torch.optim.AdamW(plain, lr=LR, eps=1e-6, weight_decay=0.01)]
-    for step in range(STEPS):
-        backward(model, step)
-        for p, q in zip(model.parameters(), reference.parameters()):
-            q.grad = p.grad.clone()
-        ours.step()
-        for opt in by_hand:
-            opt.step()
-        ours.zero_grad()
-        reference.zero_grad()
+    step_both(ours, model, by_hand, reference)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
 
