@@ -41,7 +41,9 @@ def metric_steps(run_dir) -> list[int]:
         return [r["step"] for r in map(json.loads, f.read().splitlines()) if "train/loss" in r]
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
+def signal_a_training_run(tmp_path, signum):
+    """`python -m pretrain` on the nano config, sent `signum` once it is stepping: (process, stdout,
+    stderr, run dir, the command and its environment)."""
     config = tmp_path / "nano.yaml"
     config.write_text(NANO)
     run_dir = tmp_path / "run"
@@ -54,11 +56,16 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc, out, err, run_dir, cmd, env
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    proc, out, err, run_dir, cmd, env = signal_a_training_run(tmp_path, signal.SIGTERM)
     assert proc.returncode == 0, err
     assert "stopped by SIGTERM" in out
 
@@ -76,23 +83,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 
 def test_ctrl_c_saves_like_sigterm_and_exits_130_without_a_traceback(tmp_path):
-    config = tmp_path / "nano.yaml"
-    config.write_text(NANO)
-    run_dir = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "pretrain", "--config", str(config), "--set", f"log.run_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while len(metric_steps(run_dir)) < 2:  # it is stepping
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, out, err, run_dir, _, _ = signal_a_training_run(tmp_path, signal.SIGINT)
     assert proc.returncode == 130, err  # 128 + SIGINT, as a shell reports Ctrl-C
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "stopped by SIGINT" in out
