@@ -110,3 +110,16 @@ def test_three_runs_side_by_side_pick_each_methods_best_lr(tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| adamw |" in table and "| rank2 |" in table and "Command: `python -m pretrain.bench convergence" in table
     assert (out / "curves.png").is_file() or convergence.PLOT_HINT in printed
+
+
+def test_apollo_is_skipped_in_one_line_when_apollo_torch_is_not_installed(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "apollo_torch" else real(name, *a))
+    argv = ["--methods", "apollo", "--size", "nano", "--steps", "2", "--out", str(tmp_path), "--lrs", "1e-3",
+            "--ratios", "1", "--set", "train.warmup_steps=1", "train.eval_batches=1", "optim.rank=8"]
+    assert convergence.main(argv) == 2  # nothing left to run once apollo is skipped
+    captured = capsys.readouterr()
+    assert "skipping apollo: optim.name 'apollo' runs through the apollo-torch package" in captured.out
+    assert captured.err.strip() == "bench convergence: no method left to run"

@@ -28,6 +28,7 @@ published recovery at the full lr (subtrack++paper) beside them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -442,11 +443,18 @@ def main(argv=None) -> int:
         runs = [Run(m, lr, seed, out / run_name(m, lr, ratio, seed), ratio=ratio)
                 for m in methods for lr in lr_grid(m, args.lrs) for ratio in ratio_grid(m, args.ratios)
                 for seed in seeds]
-        from optim.factory import PRESETS
+        from optim.factory import APOLLO, APOLLO_HINT, PRESETS
 
         for m in methods:
             if m.preset not in PRESETS:
                 raise ValueError(f"method {m.label!r}: preset {m.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        if importlib.util.find_spec("apollo_torch") is None:  # an optional peer: run the others
+            for m in [m for m in methods if m.preset in APOLLO]:
+                print(f"bench convergence: skipping {m.label}: " + APOLLO_HINT.format(name=m.preset), flush=True)
+            methods = [m for m in methods if m.preset not in APOLLO]
+            runs = [r for r in runs if r.method.preset not in APOLLO]
+        if not runs:
+            raise ValueError("no method left to run")
         if not Path(args.config).is_file():
             raise ValueError(f"--config {args.config!r} does not exist")
         run_overrides(args, runs[0])  # an unknown --size fails here, before any run
