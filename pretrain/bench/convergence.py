@@ -488,7 +488,8 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print("\n" + table)
-    title = f"{args.size or 'config'} model, {args.steps or 'config'} steps, seeds {','.join(map(str, seeds))}"
+    title = (f"{args.size or Path(args.config).stem} model, {args.steps or 'the config' + chr(39) + 's'} steps, "
+             f"seeds {','.join(map(str, seeds))}")
     if plot(rows, out / "curves.png", title) and plot_frontier(rows, out / "frontier.png", title):
         print(f"plots: {out / 'curves.png'}, {out / 'frontier.png'}")
     else:
