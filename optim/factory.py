@@ -67,11 +67,13 @@ PROJECTED_NAME = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(g
 class OptimConfig:
     """The `optim` section of a run config.
 
-    name: adamw | adamw8bit | muon | adafactor | galore | fira | subtrack | subtrack++ | subtrack++paper.
+    name: adamw | adamw8bit | muon | adafactor | subtrack-adafactor | apollo | apollo-mini | galore | fira |
+        subtrack | subtrack++ | subtrack++paper.
         adamw8bit is adamw with state_bits 8 (it sets state_bits).
     matrix_lr_ratio: the matrices' lr as a multiple of lr (every method; the low-rank presets' update
         is further multiplied by `scale`).
-    momentum: muon's momentum (null: 0.95) or adafactor's first moment (null: none, torch's default).
+    momentum: muon's momentum (null: 0.95), adafactor's first moment (null: none, torch's default) or
+        subtrack-adafactor's subspace momentum (null: 0.9).
     rank / update_interval: None = not set; the run config fills them from the paper's value for
         the model size (models.PAPER_RANK), and a projected preset refuses to build without them.
     subspace / moments / residual: None takes the preset's choice; a value overrides it.
