@@ -1,15 +1,11 @@
-"""Checkpoints: written atomically, the last K kept, loaded with `torch.load(weights_only=True)`.
+"""Checkpoints: written atomically with a manifest, the last K kept, loaded with `torch.load(weights_only=True)`.
 
 Layout (docs/architecture.md):
 
     <root>/step_00000100/
-        model.pt            model state dict
+        model.pt, optimizer/        model and optimizer state, in the format the strategy's state I/O writes
+        or dcp/                     (pretrain/state_io.py: one file, whole-matrix shards, or DCP shards)
         model_config.json   LlamaConfig fields
-        optimizer/rank00000.pt      one process: the optimizer's state_dict (index-keyed, as torch's)
-        optimizer/rank<NNNNN>.pt    sharded (optim.sharded.ShardedOptimizer): one shard per rank, keyed by
-        optimizer/index.json        parameter name, and the index (world size, owner of each name)
-        dcp/                train.parallelism fsdp, instead of model.pt and optimizer/: model and optimizer
-                            state as torch.distributed.checkpoint shards (pretrain/dcp_state.py)
         trainer.pt          step, scheduler, per-rank data loader states, RNG states
         config.yaml         the full resolved run config
         manifest.json       every other file's relative path, size and sha256, written last
@@ -17,56 +13,37 @@ Layout (docs/architecture.md):
 Everything is written into `<root>/.tmp-step_00000100/` (`staging_dir`) and renamed into place only
 when complete, so a crash mid-save leaves the previous checkpoint as the latest one. The manifest
 lets a resume tell a damaged checkpoint (a truncated or lost file) from a good one and fall back
-to the newest one that verifies (`CheckpointManager.resolve`). With a sharded optimizer every
-rank first writes its shard into the staging directory's `optimizer/`, then rank 0 writes the
-rest, the manifest last, and renames; a DCP checkpoint likewise, every rank writing its shards
-into `dcp/` first. `load_optimizer` reads either format into either kind of optimizer, so a run
-resumes at another world size; DCP reshards itself.
+to the newest one that verifies (pretrain/resume.py). When the ranks write shards, every rank
+first writes its part into the staging directory, then rank 0 writes the rest, the manifest last,
+and renames.
 
-`CheckpointManager` is what the training loop uses: save, keep-last, resume resolution (verified,
-with fallback), the settings a resume may change, loading. `locked_run_dir` keeps a second job
-off a run directory (an flock on `<run_dir>/.lock`).
+`CheckpointManager` is what the training loop uses: save, keep-last, resume (the policy is
+pretrain/resume.py), loading. The run-dir lock is pretrain/rundir.py's, RNG state pretrain/rng.py's.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import torch
 import yaml
 
-from optim.sharding.state import (INDEX_FILE, index_keyed_state_dict, name_keyed_state_dict, param_group_names,
-                                  shard_file)
-from pretrain.config import ConfigError
+from pretrain.state_io import DCP, DCP_DIR, DCP_METADATA, PLAIN_OPTIMIZER, checkpoint_format
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
-OPTIMIZER_INDEX = INDEX_FILE  # written by optim.sharded.ShardedOptimizer.save_sharded
 MANIFEST = "manifest.json"
 REQUIRED = ("model.pt", "trainer.pt")  # what every manifest must list (model.pt: or dcp/.metadata)
-DCP_DIR = "dcp"  # train.parallelism fsdp: model and optimizer shards (pretrain/dcp_state.py)
-DCP_METADATA = f"{DCP_DIR}/.metadata"  # stands in for model.pt in a DCP checkpoint's manifest
-
-
-class ResumeError(ConfigError):
-    """A resume that cannot go ahead (a damaged checkpoint asked for by path, a setting that cannot change)."""
-
-
-class RunDirLocked(ConfigError):
-    """Another live job holds the run directory."""
 
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, ...); the previous one is intact."""
+
 
 
 def step_dir_name(step: int) -> str:
@@ -107,34 +84,31 @@ def prepare_staging(root: str | os.PathLike, step: int, subdir: str = "optimizer
     return tmp
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict | None, model_config: dict,
-                    optimizer_state: dict | None, trainer_state: dict, config_yaml: str,
-                    keep_last: int | None) -> Path:
+def save_checkpoint(root: str | os.PathLike, step: int, *, state_files: dict, model_config: dict,
+                    trainer_state: dict, config_yaml: str, keep_last: int | None, staged: str | None = None) -> Path:
     """Write checkpoint `step` under `root` atomically, then delete all but the newest `keep_last`
     (None: delete nothing yet, the caller prunes later; newer abandoned ones are set aside either way).
 
-    optimizer_state: a state_dict, written as optimizer/rank00000.pt; or None when the ranks
-    already wrote their shards into `staging_dir(root, step)/optimizer` (after `prepare_staging`).
-    model_state None: the ranks already wrote model and optimizer into `staging_dir(root, step)/dcp`.
+    state_files: {relative path: object} of the model and optimizer state rank 0 writes (a state I/O's
+    rank0_files). staged: the file the ranks already wrote into `staging_dir(root, step)` (after
+    `prepare_staging`) to mark their shards complete; None: nothing is staged, the directory starts empty.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    if optimizer_state is None:
+    if staged is not None:
         tmp = staging_dir(root, step)
-        written = DCP_METADATA if model_state is None else f"optimizer/{OPTIMIZER_INDEX}"
-        if not (tmp / written).is_file():
-            raise FileNotFoundError(f"{tmp} holds no {written}; every rank writes its shards there first "
-                                    "(optimizer.save_sharded or dcp.save), or pass optimizer_state")
+        if not (tmp / staged).is_file():
+            raise FileNotFoundError(f"{tmp} holds no {staged}; every rank writes its shards there first "
+                                    "(optimizer.save_sharded or dcp.save)")
     else:
         tmp = prepare_staging(root, step)
-        _write(tmp / "optimizer" / shard_file(0), optimizer_state)
-    if model_state is not None:
-        _write(tmp / "model.pt", model_state)
+    for name, obj in state_files.items():
+        _write(tmp / name, obj)
     _write(tmp / "model_config.json", json.dumps(model_config, indent=2) + "\n")
     _write(tmp / "trainer.pt", trainer_state)
     _write(tmp / "config.yaml", config_yaml)
-    write_manifest(tmp)  # last: it covers every file above and every rank's optimizer shard
+    write_manifest(tmp)  # last: it covers every file above and every rank's shard
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again: move the old one aside first, delete it after
         old = root / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
@@ -289,9 +263,11 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+
+
 def is_dcp_checkpoint(path: str | os.PathLike) -> bool:
-    """Written by train.parallelism fsdp: model and optimizer as DCP shards in dcp/."""
-    return (Path(path) / DCP_METADATA).is_file()
+    """Model and optimizer as DCP shards in dcp/ (pretrain/dcp_state.py)."""
+    return checkpoint_format(path) == DCP
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu", with_optimizer: bool = True,
@@ -299,16 +275,16 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", with_optimizer:
     """{"model", "model_config", "optimizer", "trainer", "config_yaml"} of checkpoint directory `path`.
 
     "optimizer" is optimizer/rank00000.pt: the whole state of a one-process run, rank 0's shard of a
-    sharded one (`load_optimizer` reads every format); of a DCP checkpoint, the full tensors of the
+    sharded one (pretrain/state_io.py reads every format); of a DCP checkpoint, the full tensors of the
     optimizer state keyed by flattened name ("state.<param>.exp_avg"). Left out when `with_optimizer`
     is False, "model" when `with_model` is False. A DCP checkpoint's tensors are read whole in this
     one process (no process group needed: `python -m models.hf export` reads them so).
     """
     path = Path(path)
-    dcp_checkpoint = is_dcp_checkpoint(path)
+    dcp_checkpoint = checkpoint_format(path) == DCP
     needed = ["model_config.json", "trainer.pt", "config.yaml"]
     if not dcp_checkpoint:
-        needed += ["model.pt", "optimizer/rank00000.pt"]
+        needed += ["model.pt", PLAIN_OPTIMIZER]
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {missing}")
@@ -326,42 +302,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", with_optimizer:
     if with_model:
         out["model"] = load("model.pt")
     if with_optimizer:
-        out["optimizer"] = load("optimizer" if dcp_checkpoint else "optimizer/rank00000.pt")
+        out["optimizer"] = load("optimizer" if dcp_checkpoint else PLAIN_OPTIMIZER)
     return out
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike, map_location="cpu") -> str:
-    """Load checkpoint `path`'s optimizer state into `optimizer`, whichever format it was saved in.
-
-    sharded -> sharded: `optimizer.load_sharded` (each rank reads the shards holding what it owns
-    now, at any world size); sharded -> one process: the shards merged by parameter name; one
-    process -> sharded: the index-keyed state renamed by the groups' `names`. Returns what was
-    done, for the log.
-    """
-    directory = Path(path) / "optimizer"
-    sharded_checkpoint = (directory / OPTIMIZER_INDEX).is_file()
-    sharded_optimizer = hasattr(optimizer, "load_sharded")
-    if sharded_checkpoint and sharded_optimizer:
-        optimizer.load_sharded(str(directory))
-        return "sharded state, each rank its own parameters"
-    if sharded_checkpoint:
-        index = json.loads((directory / OPTIMIZER_INDEX).read_text())
-        shards = [torch.load(directory / f, map_location=map_location, weights_only=True) for f in index["files"]]
-        by_name = {name: s for shard in shards for name, s in shard["state"].items()}
-        optimizer.load_state_dict(index_keyed_state_dict(param_group_names(optimizer), by_name,
-                                                         shards[0]["param_groups"]))
-        return f"{len(shards)} shard(s) merged by parameter name"
-    plain = torch.load(directory / shard_file(0), map_location=map_location, weights_only=True)
-    if sharded_optimizer:
-        names = param_group_names(optimizer)
-        count = sum(len(g) for g in names)
-        if any(i >= count for i in plain["state"]):
-            raise ValueError(f"{directory / shard_file(0)} holds state for {len(plain['state'])} parameters, "
-                             f"the model has {count}; was it saved from a different model?")
-        optimizer.load_state_dict(name_keyed_state_dict(plain, names))
-        return "one full optimizer state, split by parameter name"
-    optimizer.load_state_dict(plain)
-    return "one full optimizer state"
 
 
 class CheckpointManager:
@@ -370,55 +312,42 @@ class CheckpointManager:
     `check_config` (which settings may change on resume) and `load`.
 
     save and resolve are collective: every rank calls them; rank 0 writes, verifies and renames.
-    `state` (train.parallelism fsdp: pretrain.dcp_state.DCPState) saves and loads model and optimizer
-    itself, collectively, into the checkpoint's dcp/ (`save_state(dir)`, `load_state(dir)`).
+    `io` is the strategy's checkpoint state I/O (pretrain/state_io.py): which files hold the model and
+    optimizer, who writes them, which formats it reads. `mode` names the strategy in refusals.
     """
 
-    def __init__(self, root: str | os.PathLike, keep_last: int, *, rank: int = 0, world_size: int = 1,
-                 sharded: bool = False, state=None, mode: str = "?", say=print):
-        self.root, self.keep_last, self.mode = Path(root), keep_last, mode  # mode: the strategy's name
-        self.rank, self.world_size, self.sharded, self.state, self.say = rank, world_size, sharded, state, say
+    def __init__(self, root: str | os.PathLike, keep_last: int, *, io=None, rank: int = 0, world_size: int = 1,
+                 mode: str = "?", say=print):
+        from pretrain.state_io import PlainState
+
+        self.root, self.keep_last, self.io, self.mode = Path(root), keep_last, io or PlainState(), mode
+        self.rank, self.world_size, self.say = rank, world_size, say
 
     def _gather(self, obj) -> list:
         from pretrain.distributed import all_gather_objects
 
         return all_gather_objects(obj, self.world_size)
 
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
     # ------------------------------------------------------------------ save
     def save(self, step: int, *, model_state: dict, optimizer, trainer_state: dict, model_config: dict,
              config_yaml: str, prune: bool = True) -> Path:
-        """Write checkpoint `step`; with `sharded` every rank first writes its optimizer shard.
+        """Write checkpoint `step`: every rank its shards (if the format has any), then rank 0 the rest.
         prune False: the older ones stay until `prune_to(step)` (the divergence guard confirms it first).
 
         A failed write (disk full, ...) on any rank removes the staging directory and raises
         CheckpointWriteError on every rank, naming the file; the previous checkpoint stays the latest.
         """
-        tmp, failure = staging_dir(self.root, step), None
-        if self.state is not None:  # DCP: every rank writes its shards; a failure anywhere raises everywhere
+        tmp, failure, io = staging_dir(self.root, step), None, self.io
+        if io.staged is not None:  # the ranks write first; a failure anywhere is reported everywhere
             if self.rank == 0:
-                failure = self._attempt(tmp, prepare_staging, self.root, step, DCP_DIR)
+                failure = self._attempt(tmp, prepare_staging, self.root, step, io.subdir)
             failure = self._gather(failure)[0]  # the staging directory exists before anyone writes into it
-            failure = failure or self._attempt(tmp / DCP_DIR, self.state.save_state, tmp / DCP_DIR)
-            failure = next((f for f in self._gather(failure) if f), None)
-        elif self.sharded:
-            if self.rank == 0:
-                failure = self._attempt(tmp, prepare_staging, self.root, step)
-            self._barrier()  # the staging directory exists before anyone writes into it
-            shard = tmp / "optimizer" / shard_file(self.rank)  # the file this rank's save_sharded writes
-            failure = failure or self._attempt(shard, optimizer.save_sharded, str(shard.parent))
-            if failure is not None:
-                self._barrier()  # the barrier that ends save_sharded, which this rank did not reach
+            failure = failure or self._attempt(tmp / io.subdir, io.write_shards, tmp, optimizer)
             failure = next((f for f in self._gather(failure) if f), None)  # every shard on disk, or none
         if self.rank == 0 and failure is None:
             failure = self._attempt(tmp, save_checkpoint, self.root, step,
-                                    model_state=None if self.state is not None else model_state,
-                                    model_config=model_config,
-                                    optimizer_state=None if self.sharded or self.state else optimizer.state_dict(),
-                                    trainer_state=trainer_state, config_yaml=config_yaml,
+                                    state_files=io.rank0_files(model_state, optimizer), staged=io.staged,
+                                    model_config=model_config, trainer_state=trainer_state, config_yaml=config_yaml,
                                     keep_last=self.keep_last if prune else None)
         if self.rank == 0 and failure is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -452,229 +381,44 @@ class CheckpointManager:
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         return f"checkpoint: {what} while writing {filename or where}; {kept}"
 
+
     # ------------------------------------------------------------------ resume
     def resolve(self, resume: str | None) -> Path | None:
         """The checkpoint to resume from: None (no resume, or "auto" and no checkpoint yet), the
         newest checkpoint that verifies ("auto": newer damaged ones are named in one warning line),
-        or `resume` itself if it verifies (ResumeError otherwise)."""
+        or `resume` itself if it verifies (ResumeError otherwise). Rank 0 reads the files."""
+        from pretrain.resume import ResumeError, find_checkpoint
+
         if resume is None:
             return None
-        found, problem = self._find(resume) if self.rank == 0 else (None, None)  # rank 0 reads the files
+        found, problem = find_checkpoint(self.root, resume, self.say) if self.rank == 0 else (None, None)
         found, problem = self._gather((found, problem))[0]
         if problem is not None:
             raise ResumeError(problem)
         return found
 
-    def _find(self, resume: str) -> tuple[Path | None, str | None]:
-        if resume != "auto":
-            bad = verify_checkpoint(resume)
-            if bad:
-                return None, (f"resume: checkpoint {resume} is damaged ({bad}); pass another checkpoint "
-                              "directory, or --resume auto for the newest one that verifies")
-            return Path(resume), None
-        candidates = list_checkpoints(self.root)[::-1]
-        if not candidates:
-            self.say(f"resume: no complete checkpoint in {self.root}; starting fresh", flush=True)
-            return None, None
-        damaged = []
-        for path in candidates:
-            bad = verify_checkpoint(path)
-            if bad is None:
-                if damaged:
-                    self.say(f"resume: checkpoint {'; '.join(damaged)}; using {path}", flush=True)
-                return path, None
-            damaged.append(f"{path} is damaged ({bad})")
-        return None, (f"resume: no checkpoint in {self.root} verifies ({'; '.join(damaged)}); move them "
-                      "aside to start fresh, or repair one")
-
     def check_config(self, path: Path, new_config: dict, new_model_config: dict) -> list[str]:
-        """Refuse (ResumeError, before anything is written) a setting that cannot change on resume;
-        return one log line per setting that changed and takes effect (`config_changes`)."""
-        try:
-            saved = yaml.safe_load((path / "config.yaml").read_text())
-            saved_model = json.loads((path / "model_config.json").read_text())
-            if not isinstance(saved, dict) or not isinstance(saved_model, dict):
-                raise ValueError("config.yaml and model_config.json must each hold a mapping")
-        except (OSError, ValueError, yaml.YAMLError) as e:  # only a checkpoint without a manifest gets here
-            raise ResumeError(f"resume: checkpoint {path} has no readable config ({e.__class__.__name__}: {e}); "
-                              "pass another checkpoint directory") from None
-        self._check_format(path, saved)
-        fixed, changed = config_changes(saved, new_config, saved_model, new_model_config)
-        if fixed:
-            key, old, new = fixed[0]
-            raise ResumeError(f"resume: {key} cannot change on resume (checkpoint {path} has {old!r}, this run "
-                              f"{new!r}); set it back to {old!r}, or start a new run in another log.run_dir")
-        self._check_data_layout(path, changed, bool((new_config.get("checkpoint") or {}).get("allow_world_size_change")))
-        return [f"resume: {key} {old} -> {new} ({note})" for key, old, new, note in changed]
+        """pretrain.resume.check_resume for this run: its format, its settings, its world size."""
+        from pretrain.resume import check_resume
 
-    def _check_data_layout(self, path: Path, changed: list, allowed: bool) -> None:
-        """Each rank's data position is saved for the saved world size, micro batch and loader workers:
-        at the same world size neither of the other two may change (the loader cannot continue from it);
-        another world size is refused unless allowed (then every stream is remapped)."""
-        saved = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True).get("world_size", self.world_size)
-        if saved == self.world_size:
-            for key, old, new, _ in changed:
-                if key in ("train.micro_batch_size", "data.num_workers"):
-                    raise ResumeError(f"resume: {key} cannot change at the same number of processes (checkpoint {path} "
-                                      f"has {old!r}, this run {new!r}): each rank's data position is saved in batches "
-                                      f"of that layout; set it back to {old!r}, or start a new run in another "
-                                      "log.run_dir")
-        elif not allowed:
-            raise ResumeError(
-                f"resume: checkpoint {path} was written by {saved} rank(s); this run has {self.world_size}. Weights, "
-                "optimizer and schedule would load exactly, but each rank's data position cannot: resume with "
-                f"{saved} process(es), or set checkpoint.allow_world_size_change=true to continue the data "
-                "from a remapped position (data.loader.remap_train_state: a few lines skipped, none read twice)")
-
-    def _check_format(self, path: Path, saved_config: dict) -> None:
-        """Only fsdp reads DCP checkpoints (dcp/), and fsdp reads nothing else (ResumeError naming both)."""
-        saved_mode = ((saved_config or {}).get("train") or {}).get("parallelism", "?")
-        if is_dcp_checkpoint(path) and self.state is None:
-            raise ResumeError(f"resume: checkpoint {path} was written by train.parallelism fsdp (DCP shards in "
-                              f"{DCP_DIR}/), which this run's parallelism {self.mode} cannot read; resume with "
-                              "--set train.parallelism=fsdp")
-        if not is_dcp_checkpoint(path) and self.state is not None:
-            raise ResumeError(f"resume: checkpoint {path} was written by train.parallelism {saved_mode} (model.pt, "
-                              f"optimizer/), and this run's parallelism fsdp reads only DCP checkpoints ({DCP_DIR}/); "
-                              f"resume with --set train.parallelism={saved_mode}")
+        return check_resume(path, new_config, new_model_config, world_size=self.world_size, reads=self.io.reads,
+                            mode=self.mode)
 
     def load(self, path: Path, *, model, optimizer, scheduler, map_location="cpu") -> tuple[dict, str]:
         """Model, optimizer and schedule state of checkpoint `path` into the given objects; then the
         optimizer's hyper-parameters and the schedule's base lr are set back to the config's (so a
         changed optim.lr or update_interval takes effect; unchanged, they are the saved values).
         Returns (trainer state, how the optimizer state was read)."""
+        from pretrain.resume import check_format
         from pretrain.schedule import rebase
 
         fresh = [{k: v for k, v in g.items() if k not in ("params", "names", "param_names")}
                  for g in optimizer.param_groups]
-        state = load_checkpoint(path, map_location=map_location, with_optimizer=False, with_model=self.state is None)
-        self._check_format(path, yaml.safe_load(state["config_yaml"]))
-        if self.state is not None:
-            self.state.load_state(path / DCP_DIR)  # collective; DCP reshards to this world size
-            how = f"DCP shards resharded to {self.world_size} rank(s)"
-        else:
-            model.load_state_dict(state["model"])
-            how = load_optimizer(optimizer, path, map_location=map_location)  # any world size, by parameter name
-        scheduler.load_state_dict(state["trainer"]["scheduler"])
+        check_format(path, yaml.safe_load((path / "config.yaml").read_text()), self.io.reads, self.mode)
+        how = self.io.load(path, model, optimizer, map_location=map_location)
+        trainer = torch.load(path / "trainer.pt", map_location=map_location, weights_only=True)
+        scheduler.load_state_dict(trainer["scheduler"])
         for group, hyper in zip(optimizer.param_groups, fresh):
             group.update(hyper)
         rebase(scheduler, [g["initial_lr"] for g in optimizer.param_groups])
-        return state["trainer"], how
-
-
-# Settings a resume cannot change: they decide the shapes and meaning of the saved tensors (the
-# optimizer's state, its basis dtype and side, the accumulated-gradient buffers) or of the saved data
-# position (which files, how lines become sequences). The micro batch and loader workers may change
-# with the world size (checkpoint.allow_world_size_change); at the same world size the loader itself
-# refuses a position saved with another layout.
-FIXED_ON_RESUME = ("model.size", "data.tokenizer", "data.source", "data.seq_len", "data.packing", "optim.name",
-                   "optim.rank", "optim.state_bits", "optim.basis_dtype", "optim.accumulate", "optim.subspace",
-                   "optim.moments", "optim.residual", "optim.proj_type",
-                   "optim.matrix_lr_ratio")  # ratio 1 keeps adamw in one group, any other splits it
-MODEL_FREE = ("activation_checkpointing", "init_std")  # model fields that change no weight on resume
-NOT_COMPARED = ("name", "checkpoint.resume", "log.run_dir")
-IGNORED_ON_RESUME = {"train.seed": "ignored: the checkpoint's RNG state continues"}
-
-
-def _flat(config: dict) -> dict:
-    return {f"{section}.{key}": value for section, values in config.items() if isinstance(values, dict)
-            for key, value in values.items()}
-
-
-def config_changes(saved: dict, new: dict, saved_model: dict, new_model: dict) -> tuple[list, list]:
-    """Compare a checkpoint's run config (and resolved model config) with this run's.
-
-    Returns (fixed, changed): fixed = [(key, saved, new)] that cannot change (model shape, tokenizer,
-    optimizer method, rank, state bits, subspace/moment/residual rules); changed = [(key, saved,
-    new, note)] that may. A key missing on either side (a config from older code) is not compared.
-    """
-    from optim.factory import PRESET_KEYS, PRESETS
-
-    old, now = _flat(saved or {}), _flat(new)
-    for flat in (old, now):  # null = the preset's choice: compare the choices themselves
-        for rule in PRESET_KEYS:
-            if flat.get(f"optim.{rule}") is None:
-                flat[f"optim.{rule}"] = (PRESETS.get(flat.get("optim.name")) or {}).get(rule)
-    for key in set(saved_model) & set(new_model) - set(MODEL_FREE):  # the resolved shape, not the spelling
-        old[f"model.{key}"], now[f"model.{key}"] = saved_model[key], new_model[key]
-    fixed, changed = [], []
-    for key in [k for k in now if k in old and k not in NOT_COMPARED and old[k] != now[k]]:
-        if key in FIXED_ON_RESUME or (key.startswith("model.") and key[6:] not in MODEL_FREE):
-            fixed.append((key, old[key], now[key]))
-        else:
-            changed.append((key, old[key], now[key], IGNORED_ON_RESUME.get(key, "takes effect")))
-    return fixed, changed
-
-
-def _try_lock(run_dir: Path) -> tuple[int | None, str | None]:
-    """(fd, None) with the lock held, or (None, why not): never raises, so the other ranks, waiting
-    for rank 0's answer in a collective, always get one."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        return None, f"cannot create the lock file {run_dir / '.lock'}: {e.strerror or e}"
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        if not isinstance(e, BlockingIOError):
-            return None, f"cannot lock {run_dir / '.lock'}: {e.strerror or e} (does this filesystem support flock?)"
-        return None, (f"run dir {run_dir} is in use by {holder}; wait for that job to end, or pass another "
-                      "--set log.run_dir=...")
-    try:  # who holds it, for the message a second job prints; best effort (the lock is what counts)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-    except OSError:
-        pass
-    return fd, None
-
-
-@contextlib.contextmanager
-def locked_run_dir(run_dir: str | os.PathLike, rank: int = 0, world_size: int = 1):
-    """Hold an exclusive `flock` on <run_dir>/.lock (rank 0; the other ranks share its run) for the
-    life of the block. The kernel drops it when the process dies, kill -9 included, so a stale
-    file never blocks a restart. Collective: every rank raises RunDirLocked if rank 0 could not."""
-    from pretrain.distributed import all_gather_objects
-
-    fd, problem = _try_lock(Path(run_dir)) if rank == 0 else (None, None)
-    problem = all_gather_objects(problem, world_size)[0]
-    if problem is not None:
-        raise RunDirLocked(problem)
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # releases the lock
-
-
-# ----------------------------------------------------------------------------- RNG state
-
-def rng_state() -> dict:
-    """Python, NumPy, torch (and CUDA) generator states as plain lists/tensors (weights_only loadable)."""
-    version, internal, gauss = random.getstate()
-    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
-    except ImportError:
-        pass
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        return trainer, how

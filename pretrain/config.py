@@ -18,21 +18,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
-from data.errors import UserError
 from data.loader import DataConfig  # neither data/ nor optim/ imports pretrain/: no cycle
 from optim.factory import OptimConfig
-
-
-class ConfigError(UserError):
-    """A config that cannot run: the message names the key, the bad value and the fix."""
+from pretrain.typed_yaml import ConfigError, apply_override, build_dataclass, coerce, read_mapping, to_plain
 
 
 @dataclass
@@ -64,11 +59,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # weights (and gradients) in memory; optimizer
     # state stays float32 (SubTrack++ keeps its bases float32). bfloat16 = pure-bf16 training as GaLore's 7B run
-    # How a step is distributed (pretrain/strategies/): auto = single with one process, zero with more;
-    # single | replicate (torch DDP, full optimizer per rank) | zero (optimizer state sharded by whole
-    # matrices, optim/sharded.py) | deepspeed (its engine at ZeRO stage 0; needs train.deepspeed) |
-    # fsdp (torch FSDP2: weights, gradients and optimizer state sharded by rows; DCP checkpoints)
-    parallelism: Literal["auto", "single", "replicate", "zero", "deepspeed", "fsdp"] = "auto"
+    # How a step is distributed: auto (single with one process, zero with more) or a mode of
+    # pretrain/strategies/ (single, replicate, zero, deepspeed, fsdp), which checks the name
+    parallelism: str = "auto"
     sharded_optimizer: bool | None = None  # old spelling, still read: true = parallelism zero, false = replicate
     deepspeed: str | None = None  # a DeepSpeed JSON (ZeRO stage 0, configs/deepspeed/): parallelism deepspeed
     replica_check_every: int = 0  # every N steps all ranks compare weight checksums (0: never); a debug aid
@@ -84,32 +77,6 @@ class TrainConfig:
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step: total / (micro * world)."""
         return self.total_batch_size // (self.micro_batch_size * world_size)
-
-    def resolve_parallelism(self, world_size: int) -> str:
-        """The strategy name for `world_size` processes: train.parallelism with `auto` and the old keys
-        (train.sharded_optimizer true/false = zero/replicate, train.deepspeed = deepspeed) resolved.
-        One process runs single unless DeepSpeed or fsdp is asked for (fsdp stays fsdp: its checkpoints
-        are DCP shards, which only fsdp reads)."""
-        chosen = self.parallelism
-        old = {True: "zero", False: "replicate", None: None}[self.sharded_optimizer]
-        if self.deepspeed is not None:
-            old = "deepspeed"
-        if old is not None and chosen not in ("auto", old):
-            raise ConfigError(f"train.parallelism = {chosen} contradicts the old key "
-                              f"{'train.deepspeed' if self.deepspeed else 'train.sharded_optimizer'} (= {old}); "
-                              "drop the old key and set train.parallelism alone")
-        chosen = old if chosen == "auto" and old is not None else chosen
-        if chosen == "deepspeed":
-            if self.deepspeed is None:
-                raise ConfigError("train.parallelism = deepspeed needs the engine's JSON: set train.deepspeed "
-                                  "(--deepspeed configs/deepspeed/zero0.json)")
-            return chosen
-        if world_size == 1 and chosen != "fsdp":
-            return "single"
-        if chosen == "single":
-            raise ConfigError(f"train.parallelism = single runs one process, but {world_size} were launched; "
-                              "choose replicate, zero, fsdp or auto")
-        return "zero" if chosen == "auto" else chosen
 
 
 @dataclass
@@ -163,21 +130,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     optim.rank / optim.update_interval left unset take the paper's values for model.size
     (fill_paper_rank).
     """
-    raw: dict = {}
-    name = "run"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file (see configs/)")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: {describe_yaml_error(e)}; fix the YAML syntax there") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-        name = path.stem
-    raw.setdefault("name", name)
+    raw = read_mapping(path) if path is not None else {}
+    raw.setdefault("name", Path(path).stem if path is not None else "run")
     for item in overrides or []:
         apply_override(raw, item)
     if world_size is None:
@@ -188,13 +142,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     cfg = build_config(raw)
     validate(cfg, world_size)
     return cfg
-
-
-def describe_yaml_error(e: yaml.YAMLError) -> str:
-    """One line: where YAML stopped and why (its own message spans several lines)."""
-    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"invalid YAML at {where}{problem or e.__class__.__name__}"
 
 
 def check_paths(cfg: RunConfig) -> None:
@@ -227,25 +174,6 @@ def check_paths(cfg: RunConfig) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"log.run_dir = {str(run_dir)!r} cannot be written: {str(existing)!r} is not "
                           "writable; set log.run_dir to a directory you can write")
-
-
-def apply_override(raw: dict, item: str) -> None:
-    """Set `raw[a][b] = yaml.safe_load(v)` for `item` = "a.b=v" (in place)."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=100)")
-    parts = key.strip().split(".")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value {text!r} is not valid YAML ({e.__class__.__name__})") from None
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
 
 
 def fill_paper_rank(raw: dict) -> None:
@@ -320,99 +248,6 @@ def build_model_section(raw: dict) -> ModelSection:
     return ModelSection(size=size, overrides=overrides)
 
 
-def build_dataclass(cls: type, raw: dict, where: str):
-    """cls(**raw) with every key checked against cls's fields and every value against its type hint."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in raw if k not in fields]
-    if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in section {where!r}; valid keys: {', '.join(fields)}")
-    kwargs = {key: coerce(value, hints[key], f"{where}.{key}") for key, value in raw.items()}
-    missing = [name for name, f in fields.items() if name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"section {where!r} is missing required key(s) {missing}")
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:  # the dataclass's own __post_init__ checks
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _describe(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def coerce(value, hint, where: str):
-    """`value` checked against type `hint` (int, float, str, bool, Optional, Union, Literal, list, tuple, dict).
-
-    ints are accepted for floats, and strings like "1e-3" too (YAML 1.1 reads 1e-3 as a string).
-    """
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any or hint is object:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{where}: null is not allowed; expected {_describe(hint)}")
-        options = [a for a in args if a is not type(None)]
-        # A numeric string is a number when the field takes numbers ("1e4" for `float | str`).
-        if float in options and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        for option in options:
-            try:
-                return coerce(value, option, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
-    if origin is Literal:
-        if isinstance(value, bool) and ("on" if value else "off") in args:
-            return "on" if value else "off"  # YAML 1.1 reads a bare on / off as true / false
-        if value in args:
-            return value
-        raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():  # 1e4 written as 10000.0
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif origin in (list, tuple) or hint in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            if origin is tuple and args and args[-1] is not Ellipsis:
-                if len(value) != len(args):
-                    raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
-                return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-            item = args[0] if args else Any
-            items = [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-            return tuple(items) if (origin or hint) is tuple else items
-    elif origin is dict or hint is dict:
-        if isinstance(value, dict):
-            return value
-    elif dataclasses.is_dataclass(hint):
-        if isinstance(value, dict):
-            return build_dataclass(hint, value, where)
-    else:
-        return value  # an annotation we do not check (the dataclass may check it itself)
-    raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
-
-
 # ----------------------------------------------------------------------------- cross-field checks
 
 def validate(cfg: RunConfig, world_size: int = 1) -> None:
@@ -455,28 +290,9 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
                           "to turn the loss-spike rule off")
     if t.replica_check_every < 0:
         raise ConfigError(f"train.replica_check_every = {t.replica_check_every} must be >= 0 (0: never)")
-    if t.deepspeed is not None and not Path(t.deepspeed).is_file():
-        raise ConfigError(f"train.deepspeed = {t.deepspeed!r} is not a file; pass a DeepSpeed JSON such as "
-                          "configs/deepspeed/zero0.json (or drop --deepspeed)")
-    parallelism = t.resolve_parallelism(world_size)  # raises on contradicting keys
-    from optim.factory import APOLLO
+    from pretrain import strategies
 
-    if cfg.optim.name in APOLLO and (parallelism != "single" or ck.resume is not None):
-        raise ConfigError(f"optim.name {cfg.optim.name!r} (apollo-torch, a benchmark peer) runs in one process and "
-                          "cannot resume: its state keeps projector objects that no weights-only checkpoint loads; "
-                          "run one process without --resume")
-    if parallelism == "fsdp":
-        check_fsdp(cfg)
-    if cfg.optim.per_layer:
-        if parallelism == "deepspeed":
-            raise ConfigError("optim.per_layer steps each weight in its gradient hook, which the DeepSpeed engine "
-                              "does not allow; drop --deepspeed or set optim.per_layer: false")
-        from optim.per_layer import check_per_layer_allowed
-
-        try:
-            check_per_layer_allowed(t.grad_accum_steps(world_size), world_size, t.grad_clip)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    strategies.validate(cfg, world_size)  # the mode's own refusals (pretrain/strategies/)
     if ck.every < 0:
         raise ConfigError(f"checkpoint.every = {ck.every} must be >= 0 (0: only at the end)")
     if ck.resume not in (None, "auto") and not Path(ck.resume).is_dir():
@@ -491,28 +307,6 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     check_rank_fits(cfg, model)
-
-
-def check_fsdp(cfg: RunConfig) -> None:
-    """What train.parallelism fsdp cannot run: FSDP2 shards every weight by rows (Shard(0))."""
-    from optim.factory import MATRIX_PEERS, PRESETS
-
-    if cfg.optim.per_layer:
-        raise ConfigError("optim.per_layer steps each weight in its gradient hook, before FSDP2 has reduce-scattered "
-                          "its gradient; set optim.per_layer: false or choose another train.parallelism")
-    if cfg.optim.name in MATRIX_PEERS:
-        raise ConfigError(f"optim.name {cfg.optim.name!r} under train.parallelism fsdp: torch's {cfg.optim.name} needs "
-                          "each matrix whole (Muon orthogonalizes the whole momentum, Adafactor's column statistics "
-                          "span every row), and FSDP2 keeps row shards; choose train.parallelism zero (whole-matrix "
-                          "ownership) or replicate")
-    if PRESETS[cfg.optim.name] is not None and cfg.optim.proj_type != "right":
-        raise ConfigError(f"optim.proj_type = {cfg.optim.proj_type!r} under train.parallelism fsdp: FSDP2 shards "
-                          "weights by rows, and only a right-side basis P (r x n) keeps the projection, the moments "
-                          "and recovery row-local; add --set optim.proj_type=right (or optim.proj_type: right in "
-                          "the config)")
-    if cfg.train.replica_check_every:
-        raise ConfigError("train.replica_check_every compares full weight replicas, but under train.parallelism fsdp "
-                          "each rank holds its own shards; set train.replica_check_every=0")
 
 
 def check_rank_fits(cfg: RunConfig, model) -> None:
@@ -552,20 +346,11 @@ def resolve_model_config(cfg: RunConfig, tokenizer_vocab_size: int):
     return get_config(cfg.model.size, **fields)
 
 
-def _plain(value):
-    """Tuples to lists (yaml.safe_dump writes lists only), recursively."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def config_to_dict(cfg: RunConfig) -> dict:
     """The resolved config as the plain mapping a YAML file would hold (load_config reads it back)."""
     out = {"name": cfg.name, "model": {"size": cfg.model.size, **cfg.model.overrides}}
     for section in section_classes():
-        out[section] = _plain(dataclasses.asdict(getattr(cfg, section)))
+        out[section] = to_plain(dataclasses.asdict(getattr(cfg, section)))
     return out
 
 

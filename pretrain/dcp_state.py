@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from data.errors import UserError
+from pretrain.state_io import DCP, DCP_DIR, DCP_METADATA
 
 METADATA = ".metadata"  # written last by dcp.save: its presence marks a DCP directory
 _MD = "torch.distributed.checkpoint.metadata"
@@ -107,7 +108,12 @@ def is_dcp_dir(path: str | os.PathLike) -> bool:
 
 
 class DCPState:
-    """The `state` a CheckpointManager saves and loads for a sharded (FSDP2) model and its optimizer."""
+    """The checkpoint format of a sharded (FSDP2) model and its optimizer (pretrain/state_io.py has the
+    other two and the interface): every rank writes its shards into dcp/, rank 0 nothing more."""
+
+    subdir = DCP_DIR
+    reads = (DCP,)
+    staged = DCP_METADATA
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
@@ -120,16 +126,21 @@ class DCPState:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def save_state(self, directory: str | os.PathLike) -> None:
-        """Collective: every rank writes its shards into `directory`. A failed write on any rank raises
+    def write_shards(self, staging, optimizer) -> None:
+        """Collective: every rank writes its shards into `staging`/dcp. A failed write on any rank raises
         torch's CheckpointException on every rank."""
-        dcp.save(self._state(), checkpoint_id=str(directory))
+        dcp.save(self._state(), checkpoint_id=str(os.path.join(staging, DCP_DIR)))
 
-    def load_state(self, directory: str | os.PathLike) -> None:
+    def rank0_files(self, model_state: dict, optimizer) -> dict:
+        return {}  # the weights are in dcp/ too
+
+    def load(self, path, model, optimizer, map_location="cpu") -> str:
         """Collective: the shards this rank holds now, read from wherever they were saved."""
         state = self._state()
-        _load(state, directory)
+        _load(state, os.path.join(path, DCP_DIR))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return f"DCP shards resharded to {world} rank(s)"
 
 
 def load_full(directory: str | os.PathLike, prefix: str = "model.") -> dict[str, torch.Tensor]:

@@ -71,13 +71,19 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device(preference)
 
 
-def setup(device_preference: str = "auto", timeout_s: float | None = None) -> DistInfo:
+def setup(device_preference: str = "auto", timeout_s: float | None = None, group_alone: bool = False) -> DistInfo:
     """Pick the device and, when launched with more than one process, join the process group.
 
     timeout_s (train.collective_timeout_s): how long any collective of the group waits for a peer
-    before it raises, so a dead or hung peer ends the job in bounded time (None: torch's default)."""
+    before it raises, so a dead or hung peer ends the job in bounded time (None: torch's default).
+    group_alone: one process gets a group of its own too (a strategy that needs one, FSDP2)."""
     rank, world, local = env_ranks()
     device = pick_device(device_preference, local)
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    if world == 1 and group_alone and not dist.is_initialized():  # an in-memory store: nothing to rendezvous with
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, **timeout)
+        return DistInfo(rank, world, local, device, created_group=True)
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
@@ -85,7 +91,6 @@ def setup(device_preference: str = "auto", timeout_s: float | None = None) -> Di
         if "MASTER_ADDR" not in os.environ:
             raise UserError("MASTER_ADDR is not set; launch with torchrun/deepspeed, or export "
                             "MASTER_ADDR=<first node's hostname> in the SLURM script")
-        timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world, **timeout)
         return DistInfo(rank, world, local, device, created_group=True)
     return DistInfo(rank, world, local, device)

@@ -6,18 +6,26 @@ another `log.run_dir`, or `--restart`, which moves the old contents aside into a
 `<run_dir>.old-<UTC time>` (one line says where) and starts fresh. A directory with nothing of value (only
 `config.yaml` or the lock of a run that died during set-up) starts fresh as before.
 
-Called by rank 0 under the run-dir lock (pretrain.checkpoint.locked_run_dir), so no other job writes
-meanwhile; the verdict reaches every rank through one all_gather_objects.
+Called by rank 0 under the run-dir lock (`locked_run_dir`: an flock on `<run_dir>/.lock` keeps a second job
+off the directory), so no other job writes meanwhile; the verdict reaches every rank through one
+all_gather_objects.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import socket
 import time
 from pathlib import Path
 
 from pretrain.config import ConfigError
 
 LOCK = ".lock"
+
+
+class RunDirLocked(ConfigError):
+    """Another live job holds the run directory."""
 
 
 class RunDirUsed(ConfigError):
@@ -88,3 +96,46 @@ def _decide(run_dir: Path, resume: str | None, restart: bool) -> tuple[str | Non
     return (f"run dir {run_dir} holds an earlier run ({', '.join(found)}); continue it with --resume auto, "
             "start a new run with --set log.run_dir=ANOTHER_DIR, or start over here with --restart (the old "
             "contents are moved aside)"), None
+
+
+def _try_lock(run_dir: Path) -> tuple[int | None, str | None]:
+    """(fd, None) with the lock held, or (None, why not): never raises, so the other ranks, waiting
+    for rank 0's answer in a collective, always get one."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        return None, f"cannot create the lock file {run_dir / LOCK}: {e.strerror or e}"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        if not isinstance(e, BlockingIOError):
+            return None, f"cannot lock {run_dir / LOCK}: {e.strerror or e} (does this filesystem support flock?)"
+        return None, (f"run dir {run_dir} is in use by {holder}; wait for that job to end, or pass another "
+                      "--set log.run_dir=...")
+    try:  # who holds it, for the message a second job prints; best effort (the lock is what counts)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    except OSError:
+        pass
+    return fd, None
+
+
+@contextlib.contextmanager
+def locked_run_dir(run_dir: str | os.PathLike, rank: int = 0, world_size: int = 1):
+    """Hold an exclusive `flock` on <run_dir>/.lock (rank 0; the other ranks share its run) for the
+    life of the block. The kernel drops it when the process dies, kill -9 included, so a stale
+    file never blocks a restart. Collective: every rank raises RunDirLocked if rank 0 could not."""
+    from pretrain.distributed import all_gather_objects
+
+    fd, problem = _try_lock(Path(run_dir)) if rank == 0 else (None, None)
+    problem = all_gather_objects(problem, world_size)[0]
+    if problem is not None:
+        raise RunDirLocked(problem)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock

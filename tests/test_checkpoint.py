@@ -5,13 +5,16 @@ import pytest
 import torch
 
 from pretrain import checkpoint as ckpt
+from pretrain import resume, rundir
+from pretrain.rng import rng_state, set_rng_state
+from pretrain.state_io import PLAIN_OPTIMIZER, SHARDED_INDEX, PlainState, ShardedState
 
 
 def _save(root, step, keep_last=3, value=0.0):
     return ckpt.save_checkpoint(
-        root, step, model_state={"w": torch.full((2, 2), value)}, model_config={"hidden_size": 2},
-        optimizer_state={"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]},
-        trainer_state={"step": step, "data": [{"position": step}], "rng": ckpt.rng_state()},
+        root, step, state_files={"model.pt": {"w": torch.full((2, 2), value)}, PLAIN_OPTIMIZER: {
+            "state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}},
+        model_config={"hidden_size": 2}, trainer_state={"step": step, "data": [{"position": step}], "rng": rng_state()},
         config_yaml="name: test\n", keep_last=keep_last)
 
 
@@ -93,7 +96,7 @@ def test_rng_state_round_trip_restores_python_numpy_and_torch_streams(tmp_path):
     path = _save(tmp_path, 1)
     expected = (random.random(), torch.rand(3), np.random.rand(3))
     random.seed(2), torch.manual_seed(2), np.random.seed(2)
-    ckpt.set_rng_state(ckpt.load_checkpoint(path)["trainer"]["rng"])
+    set_rng_state(ckpt.load_checkpoint(path)["trainer"]["rng"])
     got = (random.random(), torch.rand(3), np.random.rand(3))
     assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and (got[2] == expected[2]).all()
 
@@ -137,18 +140,19 @@ def test_sharded_optimizer_dir_staged_by_the_ranks_is_renamed_in_with_its_index(
     model, cfg = _model_and_config()
     optimizer = _stepped(model, build_sharded_optimizer(model, cfg, reduce_gradients=True))
     with pytest.raises(FileNotFoundError, match="save_sharded"):  # nothing staged yet
-        ckpt.save_checkpoint(tmp_path, 4, model_state={}, model_config={}, optimizer_state=None, trainer_state={},
+        ckpt.save_checkpoint(tmp_path, 4, state_files={}, staged=SHARDED_INDEX, model_config={}, trainer_state={},
                              config_yaml="", keep_last=1)
     ckpt.prepare_staging(tmp_path, 4)
-    optimizer.save_sharded(str(ckpt.staging_dir(tmp_path, 4) / "optimizer"))
-    path = ckpt.save_checkpoint(tmp_path, 4, model_state=model.state_dict(), model_config={}, optimizer_state=None,
-                                trainer_state={"step": 4}, config_yaml="", keep_last=1)
+    ShardedState().write_shards(ckpt.staging_dir(tmp_path, 4), optimizer)
+    path = ckpt.save_checkpoint(tmp_path, 4, state_files=ShardedState().rank0_files(model.state_dict(), optimizer),
+                                staged=SHARDED_INDEX, model_config={}, trainer_state={"step": 4}, config_yaml="",
+                                keep_last=1)
     assert sorted(p.name for p in (path / "optimizer").iterdir()) == ["index.json", "rank00000.pt"]
     assert not ckpt.staging_dir(tmp_path, 4).exists()
 
 
 @pytest.mark.parametrize("saved_sharded, loaded_sharded", [(True, False), (False, True), (True, True)])
-def test_load_optimizer_reads_either_format_into_either_optimizer(tmp_path, saved_sharded, loaded_sharded):
+def test_state_io_reads_either_format_into_either_optimizer(tmp_path, saved_sharded, loaded_sharded):
     """One process <-> sharded: state moves by parameter name, nothing lost or reordered (the
     2-rank versions run in tests/test_distributed_training.py)."""
     from optim.factory import build_optimizer
@@ -159,14 +163,14 @@ def test_load_optimizer_reads_either_format_into_either_optimizer(tmp_path, save
 
     model, cfg = _model_and_config()
     saved = _stepped(model, make(model, saved_sharded))
-    if saved_sharded:
-        ckpt.prepare_staging(tmp_path, 3)
-        saved.save_sharded(str(ckpt.staging_dir(tmp_path, 3) / "optimizer"))
-    path = ckpt.save_checkpoint(tmp_path, 3, model_state={}, model_config={},
-                                optimizer_state=None if saved_sharded else saved.state_dict(), trainer_state={},
-                                config_yaml="", keep_last=1)
+    io = {True: ShardedState(), False: PlainState()}
+    ckpt.prepare_staging(tmp_path, 3)
+    io[saved_sharded].write_shards(ckpt.staging_dir(tmp_path, 3), saved)
+    path = ckpt.save_checkpoint(tmp_path, 3, state_files=io[saved_sharded].rank0_files(model.state_dict(), saved),
+                                staged=io[saved_sharded].staged, model_config={}, trainer_state={}, config_yaml="",
+                                keep_last=1)
     fresh = make(model, loaded_sharded)
-    ckpt.load_optimizer(fresh, path)
+    io[loaded_sharded].load(path, model, fresh)
     _assert_same_state(_by_name(fresh), _by_name(saved))
     assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in saved.param_groups]
 
@@ -208,7 +212,7 @@ def test_manifest_covers_the_optimizer_shards_the_ranks_staged(tmp_path):
     for rank in (0, 1):  # what two ranks' save_sharded leave before rank 0 saves the rest
         torch.save({"state": {}, "param_groups": []}, staged / f"rank{rank:05d}.pt")
     (staged / "index.json").write_text("{}")
-    path = ckpt.save_checkpoint(tmp_path, 4, model_state={}, model_config={}, optimizer_state=None,
+    path = ckpt.save_checkpoint(tmp_path, 4, state_files={"model.pt": {}}, staged=SHARDED_INDEX, model_config={},
                                 trainer_state={}, config_yaml="", keep_last=1)
     files = json.loads((path / "manifest.json").read_text())["files"]
     assert {"optimizer/rank00000.pt", "optimizer/rank00001.pt", "optimizer/index.json"} <= set(files)
@@ -243,10 +247,10 @@ def test_resolve_auto_falls_back_to_the_newest_checkpoint_that_verifies_with_one
     assert manager.resolve("auto") == good
     assert len(lines) == 1 and f"{bad} is damaged (model.pt: size 1 != " in lines[0] and lines[0].endswith(f"using {good}")
     assert manager.resolve(None) is None
-    with pytest.raises(ckpt.ResumeError, match=r"step_00000020 is damaged \(model.pt: size 1 != \d+\); pass another"):
+    with pytest.raises(resume.ResumeError, match=r"step_00000020 is damaged \(model.pt: size 1 != \d+\); pass another"):
         manager.resolve(str(bad))
     (good / "trainer.pt").unlink()
-    with pytest.raises(ckpt.ResumeError, match="no checkpoint in .* verifies"):
+    with pytest.raises(resume.ResumeError, match="no checkpoint in .* verifies"):
         manager.resolve("auto")
 
 
@@ -320,7 +324,7 @@ def test_config_changes_refuses_shape_and_method_and_lets_schedule_settings_chan
     new["optim"].update(lr=0.05, subspace="grassmann")  # grassmann is subtrack++'s own choice: no change
     new["train"].update(max_steps=20, seed=1)
     new["checkpoint"]["resume"] = "auto"
-    fixed, changed = ckpt.config_changes(saved, new, {"hidden_size": 64, "init_std": 0.02},
+    fixed, changed = resume.config_changes(saved, new, {"hidden_size": 64, "init_std": 0.02},
                                          {"hidden_size": 64, "init_std": 0.01})
     assert fixed == []
     assert changed == [("optim.lr", 0.01, 0.05, "takes effect"), ("train.max_steps", 10, 20, "takes effect"),
@@ -329,22 +333,22 @@ def test_config_changes_refuses_shape_and_method_and_lets_schedule_settings_chan
                                 ("optim", "state_bits", 8), ("data", "tokenizer", "other.model")]:
         other = json.loads(json.dumps(saved))
         other[section][key] = value
-        assert ckpt.config_changes(saved, other, {}, {})[0][0][0] == f"{section}.{key}"
+        assert resume.config_changes(saved, other, {}, {})[0][0][0] == f"{section}.{key}"
     # Settings behind the saved optimizer tensors and the saved data position are fixed too.
     for section, key, value in [("optim", "accumulate", True), ("optim", "basis_dtype", "bfloat16"),
                                 ("data", "seq_len", 64), ("data", "source", "/other/c4")]:
         before, after = json.loads(json.dumps(saved)), json.loads(json.dumps(saved))
         before[section][key] = {"accumulate": False, "basis_dtype": "float32", "seq_len": 32, "source": "sample"}[key]
         after[section][key] = value
-        assert ckpt.config_changes(before, after, {}, {})[0][0][0] == f"{section}.{key}"
-    fixed, _ = ckpt.config_changes(saved, saved, {"hidden_size": 64}, {"hidden_size": 128})
+        assert resume.config_changes(before, after, {}, {})[0][0][0] == f"{section}.{key}"
+    fixed, _ = resume.config_changes(saved, saved, {"hidden_size": 64}, {"hidden_size": 128})
     assert fixed == [("model.hidden_size", 64, 128)]
 
 
 HOLD_LOCK = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from pretrain.checkpoint import locked_run_dir
+from pretrain.rundir import locked_run_dir
 with locked_run_dir(sys.argv[2]):
     print("locked", flush=True)
     time.sleep(60)
@@ -359,15 +363,15 @@ def test_run_dir_lock_names_the_holder_and_is_released_when_the_holder_is_killed
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, root, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ckpt.RunDirLocked, match=f"in use by pid {holder.pid} on "):
-            with ckpt.locked_run_dir(tmp_path):
+        with pytest.raises(rundir.RunDirLocked, match=f"in use by pid {holder.pid} on "):
+            with rundir.locked_run_dir(tmp_path):
                 pass
     finally:
         os.kill(holder.pid, signal.SIGKILL)  # no cleanup runs: the kernel drops the lock
         holder.wait()
-    with ckpt.locked_run_dir(tmp_path):
+    with rundir.locked_run_dir(tmp_path):
         assert (tmp_path / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
-    with ckpt.locked_run_dir(tmp_path):  # released at the end of the block
+    with rundir.locked_run_dir(tmp_path):  # released at the end of the block
         pass
 
 
@@ -375,10 +379,10 @@ def test_a_run_dir_that_cannot_hold_a_lock_is_one_message_not_an_exception(tmp_p
     """An OSError on rank 0 (the run dir under a regular file, a full disk) must become the message every
     rank raises, never an exception that leaves the other ranks waiting in the collective."""
     (tmp_path / "file").write_text("x")
-    fd, problem = ckpt._try_lock(tmp_path / "file" / "run")
+    fd, problem = rundir._try_lock(tmp_path / "file" / "run")
     assert fd is None and "cannot create the lock file" in problem
-    with pytest.raises(ckpt.RunDirLocked, match="cannot create the lock file"):
-        with ckpt.locked_run_dir(tmp_path / "file" / "run"):
+    with pytest.raises(rundir.RunDirLocked, match="cannot create the lock file"):
+        with rundir.locked_run_dir(tmp_path / "file" / "run"):
             pass
 
 
@@ -410,7 +414,7 @@ def _full_disk_on_rank_1_job(root):
 
     model, cfg = _model_and_config()
     optimizer = _stepped(model, build_sharded_optimizer(model, cfg, reduce_gradients=True), steps=1)
-    manager = ckpt.CheckpointManager(root, keep_last=3, rank=dist.get_rank(), world_size=2, sharded=True)
+    manager = ckpt.CheckpointManager(root, keep_last=3, io=ShardedState(), rank=dist.get_rank(), world_size=2)
 
     def save(step):
         return manager.save(step, model_state=model.state_dict(), optimizer=optimizer, trainer_state={"step": step},

@@ -230,18 +230,24 @@ def test_muon_on_two_ranks_equals_one_process_through_the_loop(runs, parallelism
 
 
 def test_old_sharded_optimizer_key_maps_to_parallelism_and_contradictions_are_refused():
-    from pretrain.config import ConfigError, TrainConfig
+    from pretrain.config import ConfigError, RunConfig, TrainConfig
+    from pretrain.strategies import strategy_class
 
-    assert TrainConfig().resolve_parallelism(1) == "single" and TrainConfig().resolve_parallelism(2) == "zero"
-    assert TrainConfig(sharded_optimizer=False).resolve_parallelism(2) == "replicate"
-    assert TrainConfig(sharded_optimizer=True).resolve_parallelism(2) == "zero"
-    assert TrainConfig(deepspeed="x.json").resolve_parallelism(1) == "deepspeed"
+    def mode(world_size, **train):
+        return strategy_class(RunConfig(train=TrainConfig(**train)), world_size).name
+
+    assert mode(1) == "single" and mode(2) == "zero"
+    assert mode(2, sharded_optimizer=False) == "replicate" and mode(1, sharded_optimizer=False) == "single"
+    assert mode(2, sharded_optimizer=True) == "zero"
+    assert mode(1, deepspeed="x.json") == "deepspeed" and mode(1, parallelism="fsdp") == "fsdp"
     with pytest.raises(ConfigError, match="train.parallelism = zero contradicts.*sharded_optimizer"):
-        TrainConfig(parallelism="zero", sharded_optimizer=False).resolve_parallelism(2)
+        mode(2, parallelism="zero", sharded_optimizer=False)
+    with pytest.raises(ConfigError, match="train.parallelism: 'ring' is not one of"):
+        mode(2, parallelism="ring")
     with pytest.raises(ConfigError, match="needs the engine's JSON"):
-        TrainConfig(parallelism="deepspeed").resolve_parallelism(2)
+        load_config(None, ["train.parallelism=deepspeed"], world_size=2)
     with pytest.raises(ConfigError, match="single runs one process"):
-        TrainConfig(parallelism="single").resolve_parallelism(2)
+        load_config(None, ["train.parallelism=single"], world_size=2)
 
 
 def test_weights_are_bit_identical_on_both_ranks_after_every_step(runs):
@@ -326,7 +332,7 @@ def test_resume_one_process_checkpoint_on_two_ranks_continues_the_same_trajector
 
 def test_world_size_change_is_refused_unless_allowed(runs, monkeypatch):
     checkpoint = runs["two_dir"] / "checkpoints" / "step_00000010"
-    from pretrain.checkpoint import ResumeError
+    from pretrain.resume import ResumeError
 
     with pytest.raises(ResumeError, match="written by 2 rank.*allow_world_size_change"):
         train_one_process(runs["config"], [f"log.run_dir={runs['tmp'] / 'refused'}",

@@ -331,14 +331,18 @@ def test_models_hf_export_of_a_dcp_checkpoint_gives_the_model_weights(two, tmp_p
 
 
 def test_resuming_across_checkpoint_formats_is_refused_naming_both(two, tmp_path):
-    from pretrain.checkpoint import CheckpointManager, ResumeError
+    from pretrain.dcp_state import DCPState
+    from pretrain.resume import ResumeError, check_format
+    from pretrain.state_io import PlainState
 
     dcp_checkpoint = two["tmp"] / "fsdp" / "checkpoints" / STEP5
     plain_checkpoint = two["tmp"] / "ddp" / "checkpoints" / STEP5
-    with pytest.raises(ResumeError, match="written by train.parallelism fsdp.*this run's parallelism replicate"):
-        CheckpointManager(tmp_path, 1, mode="replicate")._check_format(dcp_checkpoint, {"train": {"parallelism": "fsdp"}})
-    with pytest.raises(ResumeError, match="written by train.parallelism replicate.*parallelism fsdp reads only"):
-        CheckpointManager(tmp_path, 1, state=object(), mode="fsdp")._check_format(plain_checkpoint, {"train": {"parallelism": "replicate"}})
+    with pytest.raises(ResumeError, match=r"written by train.parallelism fsdp \(DCP shards in dcp/\), which this "
+                                          r"run's train.parallelism replicate cannot read.*parallelism=fsdp"):
+        check_format(dcp_checkpoint, {"train": {"parallelism": "fsdp"}}, PlainState.reads, "replicate")
+    with pytest.raises(ResumeError, match=r"written by train.parallelism replicate \(model.pt, optimizer/rank00000.pt"
+                                          r"\), which this run's train.parallelism fsdp cannot read.*=replicate"):
+        check_format(plain_checkpoint, {"train": {"parallelism": "replicate"}}, DCPState.reads, "fsdp")
 
 
 # ----------------------------------------------------------------------------- config checks (in-process)
@@ -353,8 +357,10 @@ def _load(*overrides, world_size=2):
 def test_fsdp_config_checks():
     from pretrain.config import ConfigError
 
-    assert _load("train.parallelism=fsdp").train.resolve_parallelism(2) == "fsdp"
-    assert _load("train.parallelism=fsdp", world_size=1).train.resolve_parallelism(1) == "fsdp"  # DCP reader
+    from pretrain.strategies import strategy_class
+
+    assert strategy_class(_load("train.parallelism=fsdp"), 2).name == "fsdp"
+    assert strategy_class(_load("train.parallelism=fsdp", world_size=1), 1).name == "fsdp"  # DCP reader
     low_rank = ["train.parallelism=fsdp", "optim.name=subtrack++", "optim.rank=8", "optim.update_interval=5"]
     with pytest.raises(ConfigError, match=r"proj_type = 'std' under train.parallelism fsdp.*by rows.*"
                                           r"--set optim.proj_type=right"):
@@ -371,7 +377,7 @@ def test_fsdp_config_checks():
 def test_proj_type_reaches_the_projected_group_and_cannot_change_on_resume():
     from models.sizes import build_model
     from optim.factory import OptimConfig, build_optimizer
-    from pretrain.checkpoint import FIXED_ON_RESUME
+    from pretrain.resume import FIXED_ON_RESUME
 
     cfg = OptimConfig(name="subtrack++", rank=4, update_interval=5, proj_type="right")
     groups = build_optimizer(build_model("nano", vocab_size=64, max_seq_len=32), cfg).param_groups

@@ -7,11 +7,11 @@ import sys
 import time
 
 import pytest
-import torch
 
 from pretrain import train as train_module
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint
 from pretrain.config import load_config
+from pretrain.stop import StopRequest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,31 +115,29 @@ def test_sigusr1_in_process_stops_at_next_step_boundary(tmp_path, monkeypatch):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_request_records_signal_and_restores_handlers(signum):
     before = signal.getsignal(signum)
-    with train_module.StopRequest() as stop:
+    with StopRequest() as stop:
         assert stop.signum is None
         os.kill(os.getpid(), signum)
         assert stop.signum == signum
     assert signal.getsignal(signum) == before
 
 
-def test_ranks_agree_on_the_reduced_value_when_a_signal_lands_after_the_reduce(monkeypatch):
+def test_ranks_agree_on_the_reduced_value_when_a_signal_lands_after_the_reduce():
     """With several ranks the stop decision is the all-reduced flag alone: a signal that reaches this
     rank after the reduce returned (its peers saw no stop) waits for the next check, else this rank
     would leave the loop while its peers train on and both hang in mismatched collectives."""
-    cpu = torch.device("cpu")
-    with train_module.StopRequest() as stop:
-        def reduce_then_signal(values, world_size):  # the peers' flags are 0; the signal lands just after
-            os.kill(os.getpid(), signal.SIGUSR1)
-            return values
+    def reduce_then_signal(values):  # the peers' flags are 0; the signal lands just after
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return values
 
-        monkeypatch.setattr(train_module.distributed, "all_reduce_max", reduce_then_signal)
-        assert stop.agreed(2, cpu) is None  # the peers did not see it: neither does this rank, yet
+    with StopRequest(world_size=2, check_every=5) as stop:
+        assert stop.agreed(5, reduce_then_signal) is None  # the peers did not see it: neither does this rank, yet
         assert stop.signum == signal.SIGUSR1
-        monkeypatch.setattr(train_module.distributed, "all_reduce_max", lambda values, world_size: values)
-        assert stop.agreed(2, cpu) == signal.SIGUSR1  # the next check carries it to every rank
-
+        assert stop.agreed(6, lambda values: values.fill_(99.0)) is None  # not a check step: no collective
+        assert stop.agreed(10, lambda values: values) == signal.SIGUSR1  # the next check carries it to every rank
         stop.signum = None  # a peer's signal alone stops this rank too
-        monkeypatch.setattr(train_module.distributed, "all_reduce_max",
-                            lambda values, world_size: values.fill_(float(signal.SIGTERM)))
-        assert stop.agreed(2, cpu) == signal.SIGTERM
-        assert stop.agreed(1, cpu) is None  # one process: its own flag, no collective
+        assert stop.agreed(15, lambda values: values.fill_(float(signal.SIGTERM))) == signal.SIGTERM
+    with StopRequest(world_size=1, check_every=5) as alone:
+        assert alone.agreed(3, None) is None  # one process: its own flag every step, no collective
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert alone.agreed(3, None) == signal.SIGTERM

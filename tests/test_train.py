@@ -607,7 +607,7 @@ def test_resume_with_a_new_lr_and_update_interval_takes_effect_and_metrics_resta
 
 
 def test_second_job_on_a_locked_run_dir_is_one_line_naming_the_holder_and_exit_2(tmp_path, capsys):
-    from pretrain.checkpoint import locked_run_dir
+    from pretrain.rundir import locked_run_dir
 
     run_dir = tmp_path / "run"
     with locked_run_dir(run_dir):  # the first job

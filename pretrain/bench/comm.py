@@ -115,12 +115,13 @@ def _run_setup(setup, args, rank, world):
     info = DistInfo(rank, world, rank, torch.device("cpu"))
     if setup == "ddp+sharded-adamw":  # no strategy of the loop: DDP averages, then zero's clip and sharded step
         strategy = Zero(cfg, info)
-        strategy.model, strategy.optimizer = model, build_sharded_optimizer(model, cfg.optim, reduce_gradients=False)
+        strategy.bind(model, build_sharded_optimizer(model, cfg.optim, reduce_gradients=False))
         opt, forward = strategy.optimizer, DistributedDataParallel(model)
     else:
         strategy = STRATEGIES[setup.split("-")[0]](cfg, info)
+        model = strategy.parallelize(model)
         opt = strategy.build_optimizer(model)
-        forward = strategy.wrap(model, opt)
+        forward = strategy.bind(model, opt)
     counted = {"all_reduce": 0}
     if isinstance(forward, DistributedDataParallel):
         def counting_hook(state, bucket):

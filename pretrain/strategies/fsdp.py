@@ -5,42 +5,57 @@ last micro-batch reduce-scatters (`set_requires_gradient_sync`): the earlier one
 unsharded gradients, as DDP's no_sync(), so the step sees the same mean gradient as `replicate`.
 
 adamw steps the DTensor shards directly (torch.optim.AdamW); 8-bit state and the low-rank presets
-use the row-shard optimizer of optim/sharding/fsdp.py (right-side bases, pretrain/config.check_fsdp).
-Checkpoints go through torch.distributed.checkpoint (pretrain/dcp_state.py): each rank writes
-its shards, and a resume reshards them to any world size.
+use the row-shard optimizer of optim/sharding/fsdp.py (right-side bases). Checkpoints go through
+torch.distributed.checkpoint (pretrain/dcp_state.py): each rank writes its shards, and a resume
+reshards them to any world size. FSDP2 needs a process group even with one process.
 """
 from __future__ import annotations
 
-from datetime import timedelta
-
 import torch
-import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
+from pretrain.config import ConfigError
 from pretrain.strategies.base import Strategy
 
 
 class FSDP(Strategy):
     name = "fsdp"
+    needs_group_alone = True
+    per_layer_refusal = "before FSDP2 has reduce-scattered its gradient"
 
-    def __init__(self, cfg, dist_info):
-        super().__init__(cfg, dist_info)
-        self._own_group = False
-        if not dist.is_initialized():  # one process (not launched distributed): FSDP2 still needs a group
-            backend = "nccl" if dist_info.device.type == "cuda" else "gloo"  # as pretrain.distributed.setup
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=timedelta(seconds=cfg.train.collective_timeout_s))
-            self._own_group = True
+    @classmethod
+    def validate(cls, cfg, world_size: int) -> None:
+        """What FSDP2's row shards (Shard(0)) cannot run."""
+        from optim.factory import MATRIX_PEERS, PRESETS
 
-    def build_optimizer(self, model):
+        super().validate(cfg, world_size)
+        if cfg.optim.name in MATRIX_PEERS:
+            raise ConfigError(f"optim.name {cfg.optim.name!r} under train.parallelism fsdp: torch's {cfg.optim.name} "
+                              "needs each matrix whole (Muon orthogonalizes the whole momentum, Adafactor's column "
+                              "statistics span every row), and FSDP2 keeps row shards; choose train.parallelism zero "
+                              "(whole-matrix ownership) or replicate")
+        if PRESETS[cfg.optim.name] is not None and cfg.optim.proj_type != "right":
+            raise ConfigError(f"optim.proj_type = {cfg.optim.proj_type!r} under train.parallelism fsdp: FSDP2 shards "
+                              "weights by rows, and only a right-side basis P (r x n) keeps the projection, the "
+                              "moments and recovery row-local; add --set optim.proj_type=right (or optim.proj_type: "
+                              "right in the config)")
+        if cfg.train.replica_check_every:
+            raise ConfigError("train.replica_check_every compares full weight replicas, but under train.parallelism "
+                              "fsdp each rank holds its own shards; set train.replica_check_every=0")
+
+    def parallelize(self, model):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        device, kwargs = self.dist.device, {}
+        kwargs = {}
         # bf16 compute as pretrain.train.autocast_context resolves train.dtype; on CPU float32, no policy
-        if device.type == "cuda" and self.cfg.train.dtype in ("auto", "bfloat16"):
+        if self.dist.device.type == "cuda" and self.cfg.train.dtype in ("auto", "bfloat16"):
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in model.layers:  # one all-gather / reduce-scatter unit per block, then the rest at the root
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+        return model
+
+    def build_optimizer(self, model):
         from optim.sharding.fsdp import build_fsdp_optimizer
 
         return build_fsdp_optimizer(model, self.cfg.optim)  # torch AdamW for adamw, else the row-shard optimizer
@@ -50,25 +65,20 @@ class FSDP(Strategy):
         return super().accumulating(last)
 
     def step(self, max_norm: float) -> torch.Tensor:
+        self.moved = True
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # over the sharded grads
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if isinstance(grad_norm, DTensor):  # the norm over the shards: the global one, on every rank
+            grad_norm = grad_norm.full_tensor()
         with self.guard.gated(grad_norm, self.optimizer) as go:  # the same verdict on every rank
             if go:
                 self.optimizer.step()
         return grad_norm
 
-    def checkpoint_manager(self, root, keep_last: int, say=print):
-        from pretrain.checkpoint import CheckpointManager
+    def checkpoint_io(self):
         from pretrain.dcp_state import DCPState
 
-        return CheckpointManager(root, keep_last, rank=self.dist.rank, world_size=self.dist.world_size,
-                                 state=DCPState(self.model, self.optimizer), mode=self.name, say=say)
+        return DCPState(self.model, self.optimizer)
 
     def describe(self) -> str:
         return (f"fsdp: torch FSDP2 over {self.dist.world_size} rank(s), weights, gradients and optimizer state "
                 f"sharded by rows ({type(self.optimizer).__name__})")
-
-    def close(self) -> None:
-        if self._own_group:
-            dist.destroy_process_group()
-            self._own_group = False

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 from torch.nn.parallel import DistributedDataParallel
 
-from pretrain.strategies.single import Single
+from pretrain.strategies.base import Strategy
 
 
-class Replicate(Single):
+class Replicate(Strategy):
     name = "replicate"
+    alone_runs_single = True
 
-    def wrap(self, model, optimizer):
-        super().wrap(model, optimizer)
+    def build_optimizer(self, model):
+        from optim.factory import build_optimizer
+
+        return build_optimizer(model, self.cfg.optim)
+
+    def bind(self, model, optimizer):
+        super().bind(model, optimizer)
         device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(model, device_ids=device_ids)
         return self.ddp

@@ -1,20 +1,28 @@
 """`single`: one process. The full optimizer steps after backward, or, with optim.per_layer, each
-weight is stepped inside its gradient hook during backward (optim.per_layer; no accumulation,
-no clipping: config checks refuse them)."""
+weight is stepped inside its gradient hook during backward (optim/per_layer.py; no accumulation,
+no clipping: Strategy.validate refuses them)."""
 from __future__ import annotations
 
 import torch
 
+from pretrain.config import ConfigError
 from pretrain.strategies.base import Strategy
 
 
 class Single(Strategy):
     name = "single"
+    one_process = True
+
+    @classmethod
+    def validate(cls, cfg, world_size: int) -> None:
+        if world_size != 1:
+            raise ConfigError(f"train.parallelism = single runs one process, but {world_size} were launched; "
+                              "choose replicate, zero, fsdp or auto")
+        super().validate(cfg, world_size)
 
     def __init__(self, cfg, dist):
         super().__init__(cfg, dist)
-        self.per_layer = bool(getattr(cfg.optim, "per_layer", False))
-        self.steps_in_backward = self.per_layer
+        self.steps_in_backward = cfg.optim.per_layer  # from bind() on, backward steps the weights
         self._hooks = None
 
     def build_optimizer(self, model):
@@ -22,14 +30,12 @@ class Single(Strategy):
 
         return build_optimizer(model, self.cfg.optim)
 
-    def wrap(self, model, optimizer):
-        if self.per_layer:  # from here on backward steps the weights
-            from optim.per_layer import attach_per_layer_updates, check_per_layer_allowed
+    def bind(self, model, optimizer):
+        if self.cfg.optim.per_layer:
+            from optim.per_layer import attach_per_layer_updates
 
-            tc = self.cfg.train
-            check_per_layer_allowed(tc.grad_accum_steps(self.dist.world_size), self.dist.world_size, tc.grad_clip)
             self._hooks = attach_per_layer_updates(model, optimizer)
-        return super().wrap(model, optimizer)
+        return super().bind(model, optimizer)
 
     def step(self, max_norm: float) -> torch.Tensor:
         if self._hooks is not None:
@@ -37,7 +43,7 @@ class Single(Strategy):
         return super().step(max_norm)
 
     def describe(self) -> str:
-        return "single process" + (", per-layer updates in the gradient hooks" if self.per_layer else "")
+        return "single process" + (", per-layer updates in the gradient hooks" if self._hooks else "")
 
     def close(self) -> None:
         if self._hooks is not None:
