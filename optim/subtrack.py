@@ -64,11 +64,12 @@ import torch
 from optim import grassmann as gm
 from optim import quant8
 from optim.options import PROJECTED, PROJECTED_DEFAULTS, STATE_BITS, check, check_rank
+from optim.stats import SubspaceStats
 
 logger = logging.getLogger(__name__)
 
 
-class SubTrackAdamW(torch.optim.Optimizer):
+class SubTrackAdamW(torch.optim.Optimizer, SubspaceStats):
     """AdamW over plain groups and low-rank projected groups (see the module docstring).
 
     Works on any subset of a model's parameters (a sharded wrapper gives each rank its own).

@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from optim.sharded import ShardedOptimizer
+
 STAGE0_HINT = ("use ZeRO stage 0 (configs/deepspeed/zero0.json) with the sharded optimizer "
                "(optim/sharded.py), which shards optimizer state by whole matrices")
 
@@ -85,10 +87,12 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     """
     config = load_config(ds_config, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
                          gradient_clipping=gradient_clipping, tensorboard_dir=tensorboard_dir)
-    if getattr(optimizer, "reduce_gradients", False):
+    sharded = isinstance(optimizer, ShardedOptimizer)  # the project's own; any torch optimizer works too
+    if sharded and optimizer.reduce_gradients:
         raise ValueError("the DeepSpeed engine already averages gradients: build the ShardedOptimizer with "
                          "reduce_gradients=False")
-    _route_clipping(config, optimizer)
+    if sharded:
+        _route_clipping(config, optimizer)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
     import deepspeed
@@ -97,7 +101,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     if engine.optimizer is not optimizer:
         raise RuntimeError(f"DeepSpeed wrapped the client optimizer in {type(engine.optimizer).__name__}, which "
                            f"would hand it flattened weights; {STAGE0_HINT}")
-    if hasattr(optimizer, "bind"):
+    if sharded:
         # DeepSpeed may have swapped parameters for clones; the sharded optimizer keys them by name.
         optimizer.bind(engine.module.named_parameters())
     return engine
@@ -108,7 +112,6 @@ def _route_clipping(config: dict, optimizer) -> None:
     owners' gradients, the same numbers as torch's clip_grad_norm_ in one process, and DeepSpeed
     reports it (`engine.get_global_grad_norm()` reads the optimizer's `_global_grad_norm`).
     DeepSpeed's own stage-0 clipping sums the norm in another order and records no norm."""
-    if hasattr(optimizer, "max_grad_norm"):
-        # inf when clipping is off: the norm is still computed (one small all-reduce) and reported
-        optimizer.max_grad_norm = config["gradient_clipping"] or math.inf
-        config["gradient_clipping"] = 0.0
+    # inf when clipping is off: the norm is still computed (one small all-reduce) and reported
+    optimizer.max_grad_norm = config["gradient_clipping"] or math.inf
+    config["gradient_clipping"] = 0.0

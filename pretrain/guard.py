@@ -42,6 +42,7 @@ import math
 import statistics
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from pretrain import distributed
 from pretrain.checkpoint import list_checkpoints, step_of
@@ -53,7 +54,8 @@ SPIKE_MIN_HISTORY = 10  # no spike rule before this many finite losses
 
 
 def supports_found_inf(optimizer) -> bool:
-    """Whether optimizer.step() honours GradScaler's `found_inf` attribute (torch's fused optimizers)."""
+    """Whether optimizer.step() honours GradScaler's `found_inf` attribute (torch's fused optimizers).
+    torch marks them by this private class attribute, which GradScaler itself reads; there is no public one."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
@@ -201,11 +203,13 @@ class DivergenceGuard:
     def state_is_finite(self, model_state: dict, optimizer) -> bool:
         """Every floating tensor of the weights and of this rank's optimizer state is finite, on every rank
         (collective; read once per checkpoint)."""
-        tensors = [t for t in _tensors([model_state, getattr(optimizer, "inner", optimizer).state])
-                   if t.is_floating_point()]
+        from optim.sharded import ShardedOptimizer
+
+        state = optimizer.inner.state if isinstance(optimizer, ShardedOptimizer) else optimizer.state  # this rank's
+        tensors = [t for t in _tensors([model_state, state]) if t.is_floating_point()]
         bad = torch.zeros((), dtype=torch.float32, device=self.device)
         for t in tensors:
-            local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
+            local = t.to_local() if isinstance(t, DTensor) else t  # this rank's shard
             bad = bad + (~torch.isfinite(local)).any().to(bad.device, torch.float32)
         return float(distributed.all_reduce_sum(bad.reshape(1), self.world)) == 0
 

@@ -36,4 +36,6 @@ def rebase(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) 
     for group, base, fn in zip(scheduler.optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
         group["initial_lr"] = base
         group["lr"] = base * fn(scheduler.last_epoch)
+    # get_last_lr() reads this private list, which LambdaLR only refreshes inside step(); torch offers
+    # no public setter, and without it the first log line after a resume would show the saved lr
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -78,7 +78,7 @@ def train(cfg: RunConfig, restart: bool = False) -> dict:
     """Train as `cfg` says; returns a summary (losses, steps, where the run and its last checkpoint are).
     A run dir an earlier run used needs cfg.checkpoint.resume, or `restart` to move its contents aside
     (pretrain/rundir.py)."""
-    strategy_class = strategies.validate(cfg, distributed.env_world_size())  # before any process group
+    strategy_class = strategies.validate(cfg, distributed.env_world_size())  # refused before any process group
     dist = distributed.setup(cfg.train.device, cfg.train.collective_timeout_s,
                              group_alone=strategy_class.needs_group_alone)
     finished = False
@@ -88,7 +88,7 @@ def train(cfg: RunConfig, restart: bool = False) -> dict:
             moved = rundir.claim(cfg.run_dir, cfg.checkpoint.resume, restart, dist.rank, dist.world_size)
             if moved and dist.is_main:
                 print(moved, flush=True)
-            trainer = Trainer(cfg, dist, strategy_class(cfg, dist), stop)
+            trainer = Trainer(cfg, dist, strategies.build_strategy(cfg, dist), stop)
             try:
                 summary = trainer.fit()
             finally:  # after the run, or an error: hooks removed

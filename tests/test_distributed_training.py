@@ -245,9 +245,9 @@ def test_old_sharded_optimizer_key_maps_to_parallelism_and_contradictions_are_re
     with pytest.raises(ConfigError, match="train.parallelism: 'ring' is not one of"):
         mode(2, parallelism="ring")
     with pytest.raises(ConfigError, match="needs the engine's JSON"):
-        load_config(None, ["train.parallelism=deepspeed"], world_size=2)
+        load_config(None, ["train.parallelism=deepspeed", "train.micro_batch_size=4"], world_size=2)
     with pytest.raises(ConfigError, match="single runs one process"):
-        load_config(None, ["train.parallelism=single"], world_size=2)
+        load_config(None, ["train.parallelism=single", "train.micro_batch_size=4"], world_size=2)
 
 
 def test_weights_are_bit_identical_on_both_ranks_after_every_step(runs):

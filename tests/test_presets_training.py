@@ -12,6 +12,7 @@ from data.loader import DataConfig, build_tokenizer, build_train_loader
 from models import build_model
 from optim import PRESETS, OptimConfig, build_optimizer
 from optim.factory import LOW_RANK
+from optim.stats import SubspaceStats
 
 STEPS, RANK, INTERVAL, LR = 120, 16, 20, 3e-3
 # nats (about 2% of the final loss): SubTrack++'s final loss may exceed GaLore's by at most this.
@@ -48,7 +49,7 @@ def train(name):
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        stats = opt.pop_subspace_stats() if hasattr(opt, "pop_subspace_stats") else {}
+        stats = opt.pop_subspace_stats() if isinstance(opt, SubspaceStats) else {}
         return losses[0], sum(losses[-20:]) / 20, stats
     finally:
         torch.set_num_threads(threads)

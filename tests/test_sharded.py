@@ -19,6 +19,7 @@ from optim import grassmann
 from optim.factory import OptimConfig, build_optimizer
 from optim.nbytes import tensor_bytes
 from optim.sharded import ShardedOptimizer, assign_owners, build_sharded_optimizer
+from optim.stats import SubspaceStats
 from tests.distributed import run_distributed
 from tests.state_helpers import consolidated_state_dict
 
@@ -96,7 +97,7 @@ def train(model, opt, start, stop, *, rank=0, world=1, forward=None, clip=None, 
         opt.step()
         opt.zero_grad()
         sums.append(checksum(model))
-        if stats is not None and hasattr(opt, "pop_subspace_stats"):
+        if stats is not None and isinstance(opt, SubspaceStats):
             stats.append(opt.pop_subspace_stats())
         if save_dir is not None and step + 1 == SAVE_AT:
             opt.save_sharded(os.path.join(save_dir, "optimizer"))

@@ -10,6 +10,7 @@ from optim.sharding.buckets import all_gather_params, plan_buckets, reduce_scatt
 from optim.sharding.ownership import assign_owners, state_costs
 from optim.sharding.state import (NOT_HYPER, index_keyed_state_dict, load_shards, name_keyed_state_dict,
                                   save_shards)
+from optim.stats import SubspaceStats
 
 FLATTENED_HINT = (
     "a matrix optimizer needs each projected weight whole and 2-D. DeepSpeed ZeRO stage >= 1 (and, "
@@ -18,7 +19,7 @@ FLATTENED_HINT = (
     "optimizer state by whole matrices")
 
 
-class ShardedOptimizer(torch.optim.Optimizer):
+class ShardedOptimizer(torch.optim.Optimizer, SubspaceStats):
     """ZeRO-style wrapper: each rank holds optimizer state for the whole tensors it owns.
 
     Args:
@@ -182,7 +183,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         total = torch.linalg.vector_norm(norms, 2.0)
         torch.nn.utils.clip_grads_with_norm_([self._params[n] for n in mine], max_norm, total)
         self._clipped = True
-        self._global_grad_norm = total  # DeepSpeed's engine reads this attribute after step
+        # DeepSpeed's engine.get_global_grad_norm() reads this private name of its own optimizers; a client
+        # optimizer has no other way to hand the engine the norm it measured
+        self._global_grad_norm = total
         return total
 
     @torch.no_grad()
@@ -230,7 +233,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Collective: every rank must call it. `count` adds up, `*_max` is the max over ranks,
         `*_mean` the count-weighted mean; every rank gets the merged dict.
         """
-        if not hasattr(self.inner, "pop_subspace_stats"):
+        if not isinstance(self.inner, SubspaceStats):
             return None
         local = self.inner.pop_subspace_stats()
         if self.world_size == 1:
