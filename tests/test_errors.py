@@ -1,5 +1,5 @@
 """Bad input is one line and exit status 2, never a traceback, and no checkpoint can run code: the
-command line (`python -m pretrain`, `python -m models.hf`) on the nano model, each case a few steps."""
+command line (`python -m pretrain`, `python -m pretrain.export`) on the nano model, each case a few steps."""
 import os
 import pickle
 import shutil
@@ -93,7 +93,7 @@ def crafted(config, tmp_path_factory):
 
 def test_a_dcp_checkpoint_whose_metadata_runs_code_is_refused_by_export(crafted):
     tmp, checkpoint, marker = crafted
-    result = run("models.hf", "export", checkpoint, tmp / "hf")
+    result = run("pretrain.export", checkpoint, tmp / "hf")
     assert_one_line(result, f"{checkpoint}/dcp/.metadata", "posix.system", "would run code")
     assert not marker.exists()
 

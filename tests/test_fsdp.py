@@ -2,7 +2,7 @@
 subtrack++ 8-bit follow the trajectory of the replicate (DDP) strategy on the same ranks with the same
 right projection, at 2 and at 3 processes (uneven shards); DCP checkpoints resume exactly at the same
 world size and load every tensor exactly at others; activation checkpointing; a failed save;
-`models.hf export` of a DCP checkpoint.
+`python -m pretrain.export` of a DCP checkpoint.
 
 `run_loops(world_size, jobs)` runs several training runs in one spawn of `world_size` ranks (the
 imports dominate a nano run; the fixtures `two` and `others` make three spawns in all). Each run
@@ -316,13 +316,14 @@ def test_low_rank_fsdp_resume_at_two_ranks_continues_the_losses(two):
     assert resumed["losses"] == pytest.approx(run["losses"][5:], rel=LOSS_TOL, abs=0)
 
 
-def test_models_hf_export_of_a_dcp_checkpoint_gives_the_model_weights(two, tmp_path):
+def test_pretrain_export_of_a_dcp_checkpoint_gives_the_model_weights(two, tmp_path):
     from safetensors.torch import load_file
 
-    from models.hf import from_hf_name, main
+    from models.hf import from_hf_name
+    from pretrain.export import main
 
     checkpoint = two["tmp"] / "fsdp" / "checkpoints" / "step_00000010"
-    assert main(["export", str(checkpoint), str(tmp_path / "hf")]) == 0
+    assert main([str(checkpoint), str(tmp_path / "hf")]) == 0
     exported = {from_hf_name(k): v for k, v in load_file(tmp_path / "hf" / "model.safetensors").items()}
     live = two["fsdp"]["weights"]
     assert exported.keys() == live.keys()

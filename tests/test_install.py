@@ -72,7 +72,7 @@ def test_the_wheel_installs_and_trains_from_outside_the_repository(tmp_path):
         return subprocess.run([fresh_python, *args], cwd=elsewhere, env=env, capture_output=True, text=True,
                               timeout=120)
 
-    where = python("-c", "import pretrain.strategies.fsdp, optim.sharding.fsdp, data.sample, models.hf; "
+    where = python("-c", "import pretrain.strategies.fsdp, optim.sharding.fsdp, data.sample, models.hf, pretrain.export; "
                          "print(pretrain.strategies.fsdp.__file__, optim.sharding.fsdp.__file__)")
     assert where.returncode == 0, where.stderr
     assert where.stdout.split() == [str(site / "pretrain" / "strategies" / "fsdp.py"),
