@@ -18,30 +18,11 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.nano import nano_yaml
 
-NANO_ADAMW = """
-model:
-  size: nano
-data:
-  seq_len: 32
-  num_workers: 0
-optim:
-  name: adamw
-  lr: 3.0e-3
-  weight_decay: 0.01
-train:
-  micro_batch_size: 1
-  total_batch_size: 6
-  max_steps: 10
-  warmup_steps: 2
-  eval_every: 0
-  eval_batches: 1
-log:
-  log_every: 1
-  tensorboard: false
-checkpoint:
-  every: 5
-"""
+NANO_ADAMW = nano_yaml(optim={"name": "adamw", "lr": 3.0e-3, "weight_decay": 0.01},
+                       train={"micro_batch_size": 1, "total_batch_size": 6, "max_steps": 10, "eval_batches": 1},
+                       checkpoint={"every": 5})
 LOSS_TOL = 1e-5  # relative, per step
 WEIGHT_TOL = 1e-5  # relative, elementwise after 10 steps, plus WEIGHT_ATOL absolute: Adam's 1/sqrt(v) magnifies
 WEIGHT_ATOL = 3e-5  # rounding where v is tiny (rare embedding rows); measured max 4.4e-6 at 2 ranks, 1.5e-5 at 3

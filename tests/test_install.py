@@ -6,29 +6,13 @@ import shutil
 import subprocess
 import sys
 
+from tests.nano import nano_yaml
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("models", "data", "optim", "pretrain")
 
-NANO = """
-model:
-  size: nano
-data:
-  seq_len: 32
-optim:
-  name: subtrack++
-  rank: 8
-  update_interval: 2
-train:
-  micro_batch_size: 2
-  total_batch_size: 4
-  max_steps: 3
-  warmup_steps: 0
-  eval_every: 0
-  eval_batches: 1
-log:
-  log_every: 1
-  tensorboard: false
-"""
+NANO = nano_yaml(optim={"name": "subtrack++", "lr": 1.0e-3, "rank": 8, "update_interval": 2},
+                 train={"max_steps": 3, "warmup_steps": 0, "eval_batches": 1})
 
 
 def pip(*args, cwd):
