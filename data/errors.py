@@ -5,7 +5,7 @@ without a traceback (pretrain/__main__.py).
 
 It lives in data/, the lowest package that raises it, because data/ imports nothing from pretrain/;
 pretrain.config.ConfigError and the checkpoint refusals derive from it. A ValueError, so callers that
-expect one (tests, models/hf.py's command line) keep working.
+expect one (tests, the command lines of models/hf.py and pretrain/export.py) keep working.
 """
 
 

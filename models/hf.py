@@ -1,15 +1,19 @@
-"""Conversion between our checkpoints and Hugging Face's Llama format, in one file.
+"""Conversion between our model state dicts and Hugging Face's Llama format, in one file.
 
 Our checkpoint directory holds ``model.pt`` (the state dict of ``models.llama.Llama``) and
-``model_config.json`` (the ``LlamaConfig`` fields); a train.parallelism fsdp checkpoint holds the
-weights as DCP shards in ``dcp/`` instead of ``model.pt``, read whole here. A Hugging Face directory holds
+``model_config.json`` (the ``LlamaConfig`` fields). A Hugging Face directory holds
 ``config.json`` (``LlamaForCausalLM``) and ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``). Parameter names differ only by the ``model.`` prefix
 that Hugging Face puts on everything except ``lm_head.weight``; the math is the same
 (rotary embeddings in the rotate-half convention), so the conversion is exact.
 
-    python -m models.hf export CHECKPOINT_DIR OUT_DIR     # ours -> Hugging Face
+    python -m pretrain.export CHECKPOINT_DIR OUT_DIR      # ours -> Hugging Face (reads training checkpoints,
+                                                          # dcp/ ones too: pretrain/export.py)
     python -m models.hf import HF_DIR CHECKPOINT_DIR      # Hugging Face -> ours
+
+The export command lives in pretrain/ because reading a training checkpoint is the trainer's
+business; this module takes a state dict and a LlamaConfig (`export_state_dict`) and imports
+nothing of pretrain/ (tests/test_hf.py checks it).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from safetensors.torch import load_file, save_file
 from models.llama import Llama, LlamaConfig
 
 MODEL_FILE = "model.pt"
-DCP_DIR = "dcp"  # train.parallelism fsdp writes the weights as torch.distributed.checkpoint shards instead
 MODEL_CONFIG_FILE = "model_config.json"
 HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILE = "model.safetensors"
@@ -135,12 +138,12 @@ def _check_state_dict(cfg: LlamaConfig, state: dict[str, torch.Tensor], where: s
                              f"the model config implies {shape}")
 
 
-def _require_dir(path: str, what: str) -> None:
+def require_dir(path: str, what: str) -> None:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist or is not a directory")
 
 
-def _require_file(path: str) -> None:
+def require_file(path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing file {path!r}")
 
@@ -152,29 +155,17 @@ def _refuse_overwrite(paths: list[str], overwrite: bool) -> None:
                               "(--overwrite on the command line)")
 
 
-def export_checkpoint(checkpoint_dir: str, out_dir: str, overwrite: bool = False) -> None:
-    """Our checkpoint directory -> ``out_dir/config.json`` + ``out_dir/model.safetensors``.
+def export_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig, out_dir: str, overwrite: bool = False,
+                      source: str = "the state dict") -> None:
+    """A model state dict of ``Llama(cfg)`` -> ``out_dir/config.json`` + ``out_dir/model.safetensors``.
 
-    The result loads with ``transformers.LlamaForCausalLM.from_pretrained(out_dir)``.
+    The result loads with ``transformers.LlamaForCausalLM.from_pretrained(out_dir)``. ``source`` names
+    where ``state`` came from in the errors (a wrong name or shape, mixed dtypes).
     """
-    _require_dir(checkpoint_dir, "checkpoint directory")
-    config_path = os.path.join(checkpoint_dir, MODEL_CONFIG_FILE)
-    model_path = os.path.join(checkpoint_dir, MODEL_FILE)
-    _require_file(config_path)
-    with open(config_path) as f:
-        cfg = LlamaConfig.from_dict(json.load(f))
-    if not os.path.exists(model_path) and os.path.isfile(os.path.join(checkpoint_dir, DCP_DIR, ".metadata")):
-        from pretrain.dcp_state import load_full  # one process, no process group
-
-        model_path = os.path.join(checkpoint_dir, DCP_DIR)
-        state = load_full(model_path, prefix="model.")
-    else:
-        _require_file(model_path)
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-    _check_state_dict(cfg, state, model_path)
+    _check_state_dict(cfg, state, source)
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) != 1:
-        raise ValueError(f"{model_path} mixes dtypes {sorted(map(str, dtypes))}; cast the model to one dtype")
+        raise ValueError(f"{source} mixes dtypes {sorted(map(str, dtypes))}; cast the model to one dtype")
 
     os.makedirs(out_dir, exist_ok=True)
     out_config = os.path.join(out_dir, HF_CONFIG_FILE)
@@ -203,7 +194,7 @@ def _load_hf_weights(hf_dir: str) -> dict[str, torch.Tensor]:
     tensors = {}
     for shard in shards:
         path = os.path.join(hf_dir, shard)
-        _require_file(path)
+        require_file(path)
         tensors.update(load_file(path, device="cpu"))
     return tensors
 
@@ -213,9 +204,9 @@ def import_hf(hf_dir: str, checkpoint_dir: str, overwrite: bool = False) -> Llam
 
     Returns the LlamaConfig written. Weights keep their dtype.
     """
-    _require_dir(hf_dir, "Hugging Face directory")
+    require_dir(hf_dir, "Hugging Face directory")
     config_path = os.path.join(hf_dir, HF_CONFIG_FILE)
-    _require_file(config_path)
+    require_file(config_path)
     with open(config_path) as f:
         cfg = from_hf_config(json.load(f))
     tensors = _load_hf_weights(hf_dir)
@@ -235,29 +226,30 @@ def import_hf(hf_dir: str, checkpoint_dir: str, overwrite: bool = False) -> Llam
 
 # ----------------------------------------------------------------------------- command line
 
+EXPORT_MOVED = ("python -m models.hf export moved to python -m pretrain.export (same arguments: CHECKPOINT_DIR "
+                "OUT_DIR [--overwrite])")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:  # reading a training checkpoint is pretrain's; models/ imports nothing of it
+        print(EXPORT_MOVED, file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(
         prog="python -m models.hf",
-        description="Convert between our checkpoint directories and Hugging Face Llama directories.",
-        epilog="example: python -m models.hf export runs/x/checkpoints/step_00001000 hf/llama_60m")
+        description="Convert a Hugging Face Llama directory into our checkpoint directory "
+                    "(the other way: python -m pretrain.export).",
+        epilog="example: python -m models.hf import hf/llama_60m runs/imported")
     commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="our checkpoint directory -> Hugging Face directory")
-    export.add_argument("checkpoint_dir", help="directory with model.pt (or dcp/) and model_config.json")
-    export.add_argument("out_dir", help="where config.json and model.safetensors are written")
     imp = commands.add_parser("import", help="Hugging Face directory -> our checkpoint directory")
     imp.add_argument("hf_dir", help="directory with config.json and *.safetensors")
     imp.add_argument("checkpoint_dir", help="where model.pt and model_config.json are written")
-    for sub in (export, imp):
-        sub.add_argument("--overwrite", action="store_true", help="replace files already there")
+    imp.add_argument("--overwrite", action="store_true", help="replace files already there")
     args = parser.parse_args(argv)
 
     try:
-        if args.command == "export":
-            export_checkpoint(args.checkpoint_dir, args.out_dir, overwrite=args.overwrite)
-            print(f"exported {args.checkpoint_dir} -> {args.out_dir}")
-        else:
-            import_hf(args.hf_dir, args.checkpoint_dir, overwrite=args.overwrite)
-            print(f"imported {args.hf_dir} -> {args.checkpoint_dir}")
+        import_hf(args.hf_dir, args.checkpoint_dir, overwrite=args.overwrite)
+        print(f"imported {args.hf_dir} -> {args.checkpoint_dir}")
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
     return 0

@@ -17,7 +17,7 @@ partial sums and receive the totals, e.g.
     GAt, AAt = yield (G @ A.t(), A @ A.t())      # summed over the shards of G's reduced axis
 
 `run_local(gen)` runs one with nothing to sum over (one process, or a whole matrix: what
-`grassmann_update` and `recovered_update` do), and `run_summed(gens, all_reduce)` runs many in
+`grassmann_update` does), and `run_summed(gens, all_reduce)` runs many in
 lockstep with one all-reduce per round for all of them (optim/sharding/fsdp.py).
 """
 from __future__ import annotations
@@ -77,11 +77,6 @@ def project_back(N: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tenso
     return torch.matmul(basis, N) if side == LEFT else torch.matmul(N, basis)
 
 
-def estimation_error(basis: torch.Tensor, G: torch.Tensor, side: str) -> torch.Tensor:
-    """||G - S S^T G||_F (left) or ||G - G P^T P||_F (right): what a subspace step should lower."""
-    return (G - project_back(project(G, basis, side), basis, side)).norm()
-
-
 def tangent(S: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """Euclidean gradient of ||G - S S^T G||^2 at S, projected on the Grassmann tangent space.
 
@@ -131,20 +126,6 @@ def geodesic_step(S: torch.Tensor, u: torch.Tensor, v: torch.Tensor, theta: torc
     return S + torch.outer(w * (torch.cos(theta) - 1.0) - u * torch.sin(theta), v)
 
 
-def best_angle(S: torch.Tensor, G: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Angle theta* on the geodesic of `geodesic_step` that minimises ||G - S' S'^T G||.
-
-    Along the geodesic S'^T G keeps all rows of S^T G except the one along v, which becomes
-    cos(theta) a - sin(theta) b with a = G^T S v, b = G^T u. Its energy
-        (|a|^2 + |b|^2)/2 + cos(2 theta) (|a|^2 - |b|^2)/2 - sin(2 theta) a.b
-    is a sinusoid in 2 theta with maximum at theta* = 1/2 atan2(-a.b, (|a|^2 - |b|^2)/2).
-    Cost O(m n). Returns a 0-d tensor in (-pi/2, pi/2].
-    """
-    a = G.t() @ (S @ v)
-    b = G.t() @ u
-    return sinusoid_peak(a @ b, a @ a, b @ b)
-
-
 def sinusoid_peak(ab: torch.Tensor, aa: torch.Tensor, bb: torch.Tensor) -> torch.Tensor:
     """The theta in (-pi/2, pi/2] maximising ||cos(theta) a - sin(theta) b||^2, from a.b, |a|^2, |b|^2
     (element-wise: one angle per direction of a rank-k step)."""
@@ -168,27 +149,26 @@ def capped_angle(theta_star: torch.Tensor, sigma: torch.Tensor, step_size: float
     return torch.sign(theta_star) * torch.minimum(float(step_size) * sigma, theta_star.abs())
 
 
-def rank_k_step(S: torch.Tensor, G: torch.Tensor, k: int, step_size: float | str, damping: float = 1.0,
-                max_angle: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move S: (m, r) along the top-k directions of the tangent at once, each by its own best angle.
+def _geodesic_steps(S: torch.Tensor, G: torch.Tensor, k: int, step_size: float | str, damping: float,
+                    max_angle: float | None, rank_one: bool):
+    """The left-case geodesic update as a generator yielding its sums over G's columns (module docstring).
+    Returns (S', theta).
 
-    With the tangent's thin SVD T = U Sigma V^T (U: (m, k) orthonormal and orthogonal to S, V: (r, k)),
+    rank_one: the paper's step along the tangent's top singular triplet, by the best angle on that
+    geodesic, theta* = 1/2 atan2(-a.b, (|a|^2 - |b|^2)/2) with a = G^T S v, b = G^T u (`sinusoid_peak`;
+    the energy ||S'^T G||^2 is a sinusoid in 2 theta), capped by `capped_angle`.
+    Else the top-k directions at once: with the tangent's thin SVD T = U Sigma V^T (U: (m, k)
+    orthonormal and orthogonal to S, V: (r, k)),
         S' = S + (S V (cos(Theta) - I) - U sin(Theta)) V^T
     stays orthonormal, and the rows of S'^T G along different v_i are separate:
         ||S'^T G||^2 = const + sum_i ||cos(theta_i) a_i - sin(theta_i) b_i||^2,  a_i = G^T S v_i, b_i = G^T u_i,
-    so each theta_i has its own closed-form best angle (`best_angle`'s formula) and `capped_angle`
-    applies per direction. Cost O(m n k + m r^2); no SVD of G. k is at most min(r, m - r) (the
-    directions orthogonal to S). Directions whose squared singular value is below 1e-5 of the largest,
-    or whose singular value is below 1e-5 ||G||^2, do not move: float32's eigenvalues of T^T T are
-    only accurate to ~eps x the largest, and T itself to ~eps ||G||^2, so their u_i would be noise. Returns (S', the angle of largest magnitude as 0-d).
+    so each theta_i has its own closed-form best angle and `capped_angle` applies per direction. Cost
+    O(m n k + m r^2); no SVD of G. k is at most min(r, m - r) (the directions orthogonal to S).
+    Directions whose squared singular value is below 1e-5 of the largest, or whose singular value is
+    below 1e-5 ||G||^2, do not move: float32's eigenvalues of T^T T are only accurate to ~eps x the
+    largest, and T itself to ~eps ||G||^2, so their u_i would be noise. theta: the angle of largest
+    magnitude, 0-d.
     """
-    return run_local(_geodesic_steps(S, G, k, step_size, damping, max_angle, rank_one=False))
-
-
-def _geodesic_steps(S: torch.Tensor, G: torch.Tensor, k: int, step_size: float | str, damping: float,
-                    max_angle: float | None, rank_one: bool):
-    """The left-case geodesic update (rank_one: the paper's step along the top singular triplet; else
-    `rank_k_step`) as a generator yielding its sums over G's columns (module docstring). Returns (S', theta)."""
     A = S.t() @ G
     sums = (G @ A.t(), A @ A.t()) + (() if rank_one else ((G * G).sum(),))
     GAt, AAt, *GG = yield sums
@@ -235,7 +215,7 @@ def grassmann_update(basis: torch.Tensor, G: torch.Tensor, side: str, step_size:
     basis: S (m, r) or P (r, n) float32; G: (m, n). step_size: eta or "auto", turned into an angle
     by `capped_angle` (a fixed eta never moves past the best angle). max_angle clamps |theta|.
     geodesic_rank 1 is the paper's rank-1 step along the tangent's top singular triplet; k > 1
-    moves along its top min(k, r) directions at once (`rank_k_step`). Returns (new basis of the
+    moves along its top min(k, r) directions at once (`_geodesic_steps`). Returns (new basis of the
     same shape, theta as a 0-d tensor: the largest angle moved). No SVD of G.
     """
     return run_local(grassmann_update_steps(basis, G, side, step_size, damping, max_angle, geodesic_rank))
@@ -298,60 +278,27 @@ def largest_principal_angle(old: torch.Tensor, new: torch.Tensor, side: str) -> 
     return torch.acos(cos2.sqrt())
 
 
-def recovery_term(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, basis: torch.Tensor, side: str,
-                  back_scale: float = 1.0) -> torch.Tensor:
-    """Fira / SubTrack++ recovery scaling of the gradient outside the subspace (before the limiter).
-
-    G: (m, n), R: low-rank gradient, N: Adam's normalised low-rank update (shape of R).
-    phi = ||N_col|| / (||R_col|| + 1e-8) per column of G (left) or per row (right), and the
-    term is (G - back_scale * back(R)) * phi. back_scale = 1 gives the exact residual
-    G - S S^T G; the published Fira / SubTrack++ code uses back_scale = scale.
-    """
-    dim = 0 if side == LEFT else 1
-    phi = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + RECOVERY_EPS)
-    back = project_back(R, basis, side)
-    if back_scale != 1.0:
-        back = back * back_scale
-    return (G - back) * phi
-
-
-def limit_norm_growth(term: torch.Tensor, prev_norm: torch.Tensor, gamma: float = 1.01
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Norm-growth limiter: if ||term|| > gamma * prev_norm, scale term down to gamma * prev_norm.
-
-    prev_norm: 0-d, negative on the first step (no limit). Returns (limited term, its norm to
-    store for the next step). Same arithmetic as the fira package (ratio eps 1e-8), without a
-    host synchronisation.
-    """
-    norm = term.norm()
-    factor = (norm / (prev_norm + RECOVERY_EPS)).clamp_min(gamma) / gamma
-    factor = torch.where(prev_norm < 0, torch.ones_like(factor), factor)
-    return term / factor, norm / factor
-
-
-def recovered_update(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, basis: torch.Tensor, side: str,
-                     scale: float, back_scale: float, prev_norm: torch.Tensor, gamma: float = 1.01,
-                     recovery_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """scale * back(N) + recovery_weight * the limited recovery term, with one back-projection instead of three.
-
-    Equal to  scale * project_back(N) + w * limit_norm_growth(recovery_term(...))  (tests check it),
-    w = recovery_weight: 1 in the published Fira / SubTrack++ code (the residual moves at the full
-    lr while the in-subspace part moves at lr x scale); `scale` weights both parts alike.
-    phi scales columns (left) or rows (right), so it commutes with the projection,
-        (G - b back(R)) * phi = G * phi - b back(R * phi),
-    and as S is orthonormal and S^T (G * phi) = R * phi, the term's norm needs no matmul:
-        ||term||^2 = ||G * phi||^2 - (2 b - b^2) ||R * phi||^2.
-    Returns (update: (m, n), limited norm to store). b = back_scale.
-    """
-    return run_local(recovered_update_steps(G, R, N, basis, side, scale, back_scale, prev_norm, gamma,
-                                            recovery_weight))
-
-
 def recovered_update_steps(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, basis: torch.Tensor, side: str,
                            scale: float, back_scale: float, prev_norm: torch.Tensor, gamma: float = 1.01,
                            recovery_weight: float = 1.0):
-    """`recovered_update` as a generator of sums: phi is per column (left) / row (right), so only the
-    term's squared norm is a sum over the shards (one round: the norm-growth limiter's)."""
+    """scale * back(N) + recovery_weight * the limited recovery term, with one back-projection instead of
+    three, as a generator of sums: phi is per column (left) / row (right), so only the term's squared norm
+    is a sum over the shards (one round: the norm-growth limiter's).
+
+    The Fira / SubTrack++ recovery scaling: phi = ||N_col|| / (||R_col|| + 1e-8) per column of G (left)
+    or per row (right), term = (G - b back(R)) * phi, limited so its norm grows at most by gamma per step
+    (prev_norm negative on the first step: no limit). Equal to
+        scale * project_back(N) + w * limit_norm_growth(recovery_term(...))
+    in tests/reference.py's forms (tests/test_grassmann.py checks it), w = recovery_weight: 1 in the
+    published Fira / SubTrack++ code (the residual moves at the full lr while the in-subspace part moves
+    at lr x scale); `scale` weights both parts alike. b = back_scale: the published code uses scale,
+    1 gives the exact residual G - S S^T G. phi scales columns (left) or rows (right), so it commutes
+    with the projection,
+        (G - b back(R)) * phi = G * phi - b back(R * phi),
+    and as S is orthonormal and S^T (G * phi) = R * phi, the term's norm needs no matmul:
+        ||term||^2 = ||G * phi||^2 - (2 b - b^2) ||R * phi||^2.
+    Returns (update: (m, n), limited norm to store).
+    """
     dim = 0 if side == LEFT else 1
     phi = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + RECOVERY_EPS)
     R_phi = R * phi

@@ -278,7 +278,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", with_optimizer:
     sharded one (pretrain/state_io.py reads every format); of a DCP checkpoint, the full tensors of the
     optimizer state keyed by flattened name ("state.<param>.exp_avg"). Left out when `with_optimizer`
     is False, "model" when `with_model` is False. A DCP checkpoint's tensors are read whole in this
-    one process (no process group needed: `python -m models.hf export` reads them so).
+    one process (no process group needed: `python -m pretrain.export` reads them so).
     """
     path = Path(path)
     dcp_checkpoint = checkpoint_format(path) == DCP

@@ -7,8 +7,10 @@ Two entry points, in the spirit of OLMo-core's `testing/distributed.py`:
   result. Returns `[result_rank0, result_rank1, ...]`; any exception in any rank is re-raised
   here with that rank's traceback.
 - `run_module(module, argv, world_size)`: runs `python -m module *argv` in `world_size`
-  subprocesses with the environment torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK,
+  subprocesses with the environment torchrun would set (`torchrun_env`: RANK, WORLD_SIZE, LOCAL_RANK,
   MASTER_ADDR, MASTER_PORT); returns the finished `subprocess.CompletedProcess` per rank.
+  `start_ranks(argv, world_size)` starts them and leaves the waiting to the caller (a test that
+  signals a rank, or whose rank hangs).
 
 Both kill what they started when the timeout expires and then fail the test.
 """
@@ -32,16 +34,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun_env(rank: int, world_size: int, port: int) -> dict:
+LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torchrun_env(rank: int, world_size: int, port: int) -> dict:
+    """The variables torchrun sets for `rank` of `world_size` on one node (LAUNCHER_KEYS)."""
     return {
         "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
     }
 
 
+def start_ranks(argv: list[str], world_size: int = 2, env: dict | None = None,
+                cwd: str = ROOT) -> list[subprocess.Popen]:
+    """Start `python *argv` as `world_size` ranks with torchrun's environment on a free port (stdout and
+    stderr piped, text); the caller waits for them and kills what is left."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        # faulthandler: a rank that aborts (SIGABRT in a C++ thread) prints its Python stacks
+        child_env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+                     **(env or {}), **torchrun_env(rank, world_size, port)}
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=cwd, env=child_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
 def _worker(rank, world_size, port, env, fn, args, kwargs, results):
     os.environ.update(env)
-    os.environ.update(_torchrun_env(rank, world_size, port))
+    os.environ.update(torchrun_env(rank, world_size, port))
     import torch
     import torch.distributed as dist
 
@@ -112,15 +133,7 @@ def run_distributed(fn, world_size: int = 2, *args, timeout: float = 120.0, env:
 def run_module(module: str, argv: list[str], world_size: int = 2, timeout: float = 120.0,
                env: dict | None = None, cwd: str = ROOT) -> list[subprocess.CompletedProcess]:
     """Run `python -m module *argv` as `world_size` ranks with torchrun's environment variables."""
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        # faulthandler: a rank that aborts (SIGABRT in a C++ thread) prints its Python stacks
-        child_env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
-                     **(env or {}),
-                     **_torchrun_env(rank, world_size, port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], cwd=cwd, env=child_env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = start_ranks(["-m", module, *argv], world_size, env=env, cwd=cwd)
     done = []
     try:
         for rank, p in enumerate(procs):

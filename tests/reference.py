@@ -4,12 +4,18 @@ docs/architecture.md ("Design cited by the code").
 Float64, no in-place tricks, the Grassmann step taken by the matrix exponential and the tangent's
 singular triplet by a full SVD. Tests compare optim.subtrack.SubTrackAdamW against it (it lives
 in tests/: nothing else uses it). The right-side case is the left-side one on transposes.
+
+Below it, the plain forms of optim/grassmann.py's math that the library never runs (estimation
+error, best angle, recovery term, norm limiter, ...): the tests check the fused production code
+against them.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from optim import grassmann as gm
 
 
 def exp_map(S: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -89,3 +95,76 @@ class ReferenceSubTrack:
             update = update + self.recovery_weight * term
         W = W - step_size * update
         return W - self.lr * self.wd * W
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference forms of optim/grassmann.py's math, which only tests call (the library runs the fused
+# generators of sums: optim.grassmann.grassmann_update_steps, recovered_update_steps).
+# ---------------------------------------------------------------------------------------------
+
+def estimation_error(basis: torch.Tensor, G: torch.Tensor, side: str) -> torch.Tensor:
+    """||G - S S^T G||_F (left) or ||G - G P^T P||_F (right): what a subspace step should lower."""
+    return (G - gm.project_back(gm.project(G, basis, side), basis, side)).norm()
+
+
+def best_angle(S: torch.Tensor, G: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Angle theta* on the geodesic of `geodesic_step` that minimises ||G - S' S'^T G||.
+
+    Along the geodesic S'^T G keeps all rows of S^T G except the one along v, which becomes
+    cos(theta) a - sin(theta) b with a = G^T S v, b = G^T u. Its energy
+        (|a|^2 + |b|^2)/2 + cos(2 theta) (|a|^2 - |b|^2)/2 - sin(2 theta) a.b
+    is a sinusoid in 2 theta with maximum at theta* = 1/2 atan2(-a.b, (|a|^2 - |b|^2)/2).
+    Cost O(m n). Returns a 0-d tensor in (-pi/2, pi/2].
+    """
+    a = G.t() @ (S @ v)
+    b = G.t() @ u
+    return gm.sinusoid_peak(a @ b, a @ a, b @ b)
+
+
+def rank_k_step(S: torch.Tensor, G: torch.Tensor, k: int, step_size: float | str, damping: float = 1.0,
+                max_angle: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move S: (m, r) along the top-k directions of the tangent at once, each by its own best angle:
+    the production rank-k geodesic step (optim.grassmann._geodesic_steps, whose docstring derives it)
+    on a whole left-side matrix, for any k (grassmann_update takes the rank-1 path when k is 1).
+    Returns (S', the angle of largest magnitude as 0-d)."""
+    return gm.run_local(gm._geodesic_steps(S, G, k, step_size, damping, max_angle, rank_one=False))
+
+
+def recovery_term(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, basis: torch.Tensor, side: str,
+                  back_scale: float = 1.0) -> torch.Tensor:
+    """Fira / SubTrack++ recovery scaling of the gradient outside the subspace (before the limiter).
+
+    G: (m, n), R: low-rank gradient, N: Adam's normalised low-rank update (shape of R).
+    phi = ||N_col|| / (||R_col|| + 1e-8) per column of G (left) or per row (right), and the
+    term is (G - back_scale * back(R)) * phi. back_scale = 1 gives the exact residual
+    G - S S^T G; the published Fira / SubTrack++ code uses back_scale = scale.
+    """
+    dim = 0 if side == gm.LEFT else 1
+    phi = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + gm.RECOVERY_EPS)
+    back = gm.project_back(R, basis, side)
+    if back_scale != 1.0:
+        back = back * back_scale
+    return (G - back) * phi
+
+
+def limit_norm_growth(term: torch.Tensor, prev_norm: torch.Tensor, gamma: float = 1.01
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm-growth limiter: if ||term|| > gamma * prev_norm, scale term down to gamma * prev_norm.
+
+    prev_norm: 0-d, negative on the first step (no limit). Returns (limited term, its norm to
+    store for the next step). Same arithmetic as the fira package (ratio eps 1e-8), without a
+    host synchronisation.
+    """
+    norm = term.norm()
+    factor = (norm / (prev_norm + gm.RECOVERY_EPS)).clamp_min(gamma) / gamma
+    factor = torch.where(prev_norm < 0, torch.ones_like(factor), factor)
+    return term / factor, norm / factor
+
+
+def recovered_update(G: torch.Tensor, R: torch.Tensor, N: torch.Tensor, basis: torch.Tensor, side: str,
+                     scale: float, back_scale: float, prev_norm: torch.Tensor, gamma: float = 1.01,
+                     recovery_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """optim.grassmann.recovered_update_steps on a whole matrix (nothing to sum over): the fused
+    production form, which tests compare with scale * project_back(N) + w * limit_norm_growth(recovery_term(...))."""
+    return gm.run_local(gm.recovered_update_steps(G, R, N, basis, side, scale, back_scale, prev_norm, gamma,
+                                                  recovery_weight))

@@ -85,7 +85,7 @@ def test_plot_is_optional(monkeypatch, tmp_path):
 def test_three_runs_side_by_side_pick_each_methods_best_lr(tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["--methods", "adamw", "rank2=subtrack++,geodesic_rank=2", "--lrs", "adamw=1e-3,5e-3", "rank2=5e-3",
-            "--ratios", "1", "--time-steps", "3",
+            "--ratios", "1", "--time-steps", "1",  # the timing path runs; one timed step is enough for it
             "--size", "nano", "--steps", "4", "--out", str(out), "--jobs", "2",
             "--set", "train.eval_every=2", "train.warmup_steps=1", "optim.update_interval=2", "train.eval_batches=1"]
     assert convergence.main(argv) == 0

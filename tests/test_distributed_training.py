@@ -15,8 +15,6 @@ losses agree to 1e-5 and weights to 3e-5 (LOSS_TOL, WEIGHT_TOL), not bit for bit
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -25,35 +23,12 @@ import torch
 from data.loader import build_train_loader as BUILD_TRAIN_LOADER  # the real one; tests patch the module's
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint
 from pretrain.config import load_config
-from tests.distributed import ROOT, _torchrun_env, free_port, run_distributed
+from tests.distributed import run_distributed, start_ranks
+from tests.nano import nano_yaml
 
-NANO_SUBTRACK = """
-model:
-  size: nano
-data:
-  seq_len: 32
-  num_workers: 0
-optim:
-  name: subtrack++
-  lr: 3.0e-3
-  rank: 8
-  update_interval: 5
-  step_size: auto
-  max_angle: 0.3
-train:
-  micro_batch_size: 2
-  total_batch_size: 4
-  max_steps: 20
-  warmup_steps: 2
-  eval_every: 0
-  eval_batches: 0
-  replica_check_every: 1
-log:
-  log_every: 5
-  tensorboard: false
-checkpoint:
-  every: 10
-"""
+NANO_SUBTRACK = nano_yaml(
+    optim={"name": "subtrack++", "lr": 3.0e-3, "rank": 8, "update_interval": 5, "step_size": "auto", "max_angle": 0.3},
+    train={"eval_batches": 0, "replica_check_every": 1}, log={"log_every": 5}, checkpoint={"every": 10})
 STEP10 = "step_00000010"
 LOSS_TOL = 1e-5  # absolute, per step: float32, the order of additions differs only
 WEIGHT_TOL = 3e-5  # absolute (+1e-5 relative), elementwise after 20 steps; measured max 1.1e-5 (304 of 1.15M
@@ -387,12 +362,7 @@ def test_sigusr1_to_one_rank_saves_on_both_and_a_restarted_job_continues(tmp_pat
     run_dir = tmp_path / "run"
     argv = ["--config", config, "--set", f"log.run_dir={run_dir}", "train.max_steps=100000", "checkpoint.every=0",
             "log.log_every=1", "train.replica_check_every=0"]
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "pretrain", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
-                                   **_torchrun_env(rank, 2, port)})
-             for rank in range(2)]
+    procs = start_ranks(["-m", "pretrain", *argv], 2)
     try:
         deadline = time.monotonic() + 120
         while steps_logged(run_dir) < 2:

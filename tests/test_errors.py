@@ -1,5 +1,5 @@
 """Bad input is one line and exit status 2, never a traceback, and no checkpoint can run code: the
-command line (`python -m pretrain`, `python -m models.hf`) on the nano model, each case a few steps."""
+command line (`python -m pretrain`, `python -m pretrain.export`) on the nano model, each case a few steps."""
 import os
 import pickle
 import shutil
@@ -13,35 +13,18 @@ import torch
 from pretrain.checkpoint import write_manifest
 from pretrain.config import load_config
 from pretrain.train import train
-from tests.distributed import free_port
+from tests.distributed import LAUNCHER_KEYS, start_ranks
+from tests.nano import nano_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-NANO = """
-model:
-  size: nano
-data:
-  seq_len: 32
-optim:
-  name: adamw
-  lr: 3.0e-3
-train:
-  micro_batch_size: 2
-  total_batch_size: 4
-  max_steps: 2
-  warmup_steps: 0
-  eval_every: 0
-  eval_batches: 1
-log:
-  log_every: 1
-  tensorboard: false
-"""
+NANO = nano_yaml(optim={"name": "adamw", "lr": 3.0e-3}, train={"max_steps": 2, "warmup_steps": 0, "eval_batches": 1})
 
 
 def run(module, *args, env=None, timeout=120):
     """`python -m module ARGS` in a fresh process, outside any launcher (no RANK, no MASTER_ADDR)."""
     base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+            if k not in LAUNCHER_KEYS and not k.startswith("SLURM_")}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**base, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})})
 
@@ -93,7 +76,7 @@ def crafted(config, tmp_path_factory):
 
 def test_a_dcp_checkpoint_whose_metadata_runs_code_is_refused_by_export(crafted):
     tmp, checkpoint, marker = crafted
-    result = run("models.hf", "export", checkpoint, tmp / "hf")
+    result = run("pretrain.export", checkpoint, tmp / "hf")
     assert_one_line(result, f"{checkpoint}/dcp/.metadata", "posix.system", "would run code")
     assert not marker.exists()
 
@@ -249,14 +232,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_a_rank_whose_peer_never_enters_a_collective_ends_after_collective_timeout_s(config, tmp_path):
-    port, procs = free_port(), []
-    for rank in (0, 1):
-        env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", STUCK_RANK_1, "--config", str(config), "--set", f"log.run_dir={tmp_path / 'run'}",
-             "train.collective_timeout_s=3"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True))
+    procs = start_ranks(["-c", STUCK_RANK_1, "--config", str(config), "--set", f"log.run_dir={tmp_path / 'run'}",
+                         "train.collective_timeout_s=3"], 2)
     try:
         start = time.perf_counter()
         out, err = procs[0].communicate(timeout=60)

@@ -2,7 +2,7 @@
 subtrack++ 8-bit follow the trajectory of the replicate (DDP) strategy on the same ranks with the same
 right projection, at 2 and at 3 processes (uneven shards); DCP checkpoints resume exactly at the same
 world size and load every tensor exactly at others; activation checkpointing; a failed save;
-`models.hf export` of a DCP checkpoint.
+`python -m pretrain.export` of a DCP checkpoint.
 
 `run_loops(world_size, jobs)` runs several training runs in one spawn of `world_size` ranks (the
 imports dominate a nano run; the fixtures `two` and `others` make three spawns in all). Each run
@@ -18,30 +18,11 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.nano import nano_yaml
 
-NANO_ADAMW = """
-model:
-  size: nano
-data:
-  seq_len: 32
-  num_workers: 0
-optim:
-  name: adamw
-  lr: 3.0e-3
-  weight_decay: 0.01
-train:
-  micro_batch_size: 1
-  total_batch_size: 6
-  max_steps: 10
-  warmup_steps: 2
-  eval_every: 0
-  eval_batches: 1
-log:
-  log_every: 1
-  tensorboard: false
-checkpoint:
-  every: 5
-"""
+NANO_ADAMW = nano_yaml(optim={"name": "adamw", "lr": 3.0e-3, "weight_decay": 0.01},
+                       train={"micro_batch_size": 1, "total_batch_size": 6, "max_steps": 10, "eval_batches": 1},
+                       checkpoint={"every": 5})
 LOSS_TOL = 1e-5  # relative, per step
 WEIGHT_TOL = 1e-5  # relative, elementwise after 10 steps, plus WEIGHT_ATOL absolute: Adam's 1/sqrt(v) magnifies
 WEIGHT_ATOL = 3e-5  # rounding where v is tiny (rare embedding rows); measured max 4.4e-6 at 2 ranks, 1.5e-5 at 3
@@ -316,13 +297,14 @@ def test_low_rank_fsdp_resume_at_two_ranks_continues_the_losses(two):
     assert resumed["losses"] == pytest.approx(run["losses"][5:], rel=LOSS_TOL, abs=0)
 
 
-def test_models_hf_export_of_a_dcp_checkpoint_gives_the_model_weights(two, tmp_path):
+def test_pretrain_export_of_a_dcp_checkpoint_gives_the_model_weights(two, tmp_path):
     from safetensors.torch import load_file
 
-    from models.hf import from_hf_name, main
+    from models.hf import from_hf_name
+    from pretrain.export import main
 
     checkpoint = two["tmp"] / "fsdp" / "checkpoints" / "step_00000010"
-    assert main(["export", str(checkpoint), str(tmp_path / "hf")]) == 0
+    assert main([str(checkpoint), str(tmp_path / "hf")]) == 0
     exported = {from_hf_name(k): v for k, v in load_file(tmp_path / "hf" / "model.safetensors").items()}
     live = two["fsdp"]["weights"]
     assert exported.keys() == live.keys()

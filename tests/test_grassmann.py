@@ -6,7 +6,8 @@ import torch
 
 from optim import grassmann as gm
 from optim.subtrack import SubTrackAdamW
-from tests.reference import exp_map
+from tests.reference import (best_angle, estimation_error, exp_map, limit_norm_growth, rank_k_step, recovered_update,
+                             recovery_term)
 
 
 def orthonormal(m, r, generator=None, dtype=torch.float32):
@@ -51,15 +52,15 @@ def test_geodesic_step_at_moderate_angle_lowers_estimation_error(side):
         G, basis = G.T.contiguous(), S.T.contiguous()
     else:
         basis = S
-    before = gm.estimation_error(basis, G, side)
+    before = estimation_error(basis, G, side)
     # Step through the optimizer's entry point with eta chosen for a moderate angle (0.2 rad).
     u, sigma, v = gm.top_singular_triplet(gm.tangent(S, G if side == "left" else G.T))
     new_basis, theta = gm.grassmann_update(basis, G, side, step_size=0.2 / float(sigma))
     assert float(theta) == pytest.approx(0.2, rel=1e-5)
-    assert gm.estimation_error(new_basis, G, side) < before - 1e-3 * before
+    assert estimation_error(new_basis, G, side) < before - 1e-3 * before
     # The opposite sign (+sin, as printed in the seed's Algorithm 1) raises the error.
     wrong = gm.geodesic_step(S, u, v, -0.2)
-    assert gm.estimation_error(wrong if side == "left" else wrong.T, G, side) > before
+    assert estimation_error(wrong if side == "left" else wrong.T, G, side) > before
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -73,18 +74,18 @@ def test_auto_step_size_never_worse_than_any_fixed_eta(side):
         if side == "right":
             G = G.T.contiguous()
         auto_basis, theta_auto = gm.grassmann_update(basis, G, side, step_size="auto")
-        auto_error = gm.estimation_error(auto_basis, G, side)
+        auto_error = estimation_error(auto_basis, G, side)
         for eta in [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 1e4]:
             fixed_basis, _ = gm.grassmann_update(basis, G, side, step_size=eta)
-            assert auto_error <= gm.estimation_error(fixed_basis, G, side) * (1 + 1e-5)
+            assert auto_error <= estimation_error(fixed_basis, G, side) * (1 + 1e-5)
         # The closed form is the best point of the whole geodesic, not only of the etas tried.
         S_left = basis if side == "left" else basis.T
         u, _, v = gm.top_singular_triplet(gm.tangent(S_left, G if side == "left" else G.T))
         for theta in torch.linspace(-1.5, 1.5, 61):
             moved = gm.geodesic_step(S_left, u, v, theta)
             moved = moved if side == "left" else moved.T
-            assert auto_error <= gm.estimation_error(moved, G, side) * (1 + 1e-5)
-        assert gm.estimation_error(auto_basis, G, side) < gm.estimation_error(basis, G, side)
+            assert auto_error <= estimation_error(moved, G, side) * (1 + 1e-5)
+        assert estimation_error(auto_basis, G, side) < estimation_error(basis, G, side)
 
 
 def test_best_angle_matches_sinusoid_closed_form_against_dense_search():
@@ -97,7 +98,7 @@ def test_best_angle_matches_sinusoid_closed_form_against_dense_search():
     coarse = thetas[::100][captured.argmax()]
     fine = thetas[(thetas - coarse).abs() < 0.02]
     captured = torch.stack([(gm.geodesic_step(S, u, v, t).T @ G).norm() ** 2 for t in fine])
-    assert float(gm.best_angle(S, G, u, v)) == pytest.approx(float(fine[captured.argmax()]), abs=2e-4)
+    assert float(best_angle(S, G, u, v)) == pytest.approx(float(fine[captured.argmax()]), abs=2e-4)
 
 
 @pytest.mark.parametrize("theta", [0.01, 0.3, 1.2, -0.7])
@@ -242,7 +243,7 @@ def test_recovery_term_exact_residual_is_orthogonal_to_span_and_scaled_per_colum
         basis = S
     R = gm.project(G, basis, side)
     N = torch.randn_like(R)
-    term = gm.recovery_term(G, R, N, basis, side, back_scale=1.0)
+    term = recovery_term(G, R, N, basis, side, back_scale=1.0)
     assert gm.project(term, basis, side).abs().max() < 1e-12
     # Per column of G (left) / per row (right): the residual times ||N_col|| / ||R_col||.
     Gl, Rl, Nl, tl = (G, R, N, term) if side == "left" else (G.T, R.T, N.T, term.T)
@@ -251,18 +252,18 @@ def test_recovery_term_exact_residual_is_orthogonal_to_span_and_scaled_per_colum
         phi = Nl[:, j].norm() / (Rl[:, j].norm() + 1e-8)
         assert torch.allclose(tl[:, j], residual[:, j] * phi)
     # back_scale < 1 leaves part of the in-span gradient in the term (the published code's way).
-    scaled = gm.recovery_term(G, R, N, basis, side, back_scale=0.25)
+    scaled = recovery_term(G, R, N, basis, side, back_scale=0.25)
     assert gm.project(scaled, basis, side).abs().max() > 1e-3
 
 
 def test_norm_growth_limiter_caps_growth_at_gamma_and_skips_first_step():
     term = torch.full((4, 4), 1.0)  # norm 4
-    first, norm = gm.limit_norm_growth(term, torch.tensor(-1.0))
+    first, norm = limit_norm_growth(term, torch.tensor(-1.0))
     assert torch.equal(first, term) and float(norm) == pytest.approx(4.0)
-    grown, norm2 = gm.limit_norm_growth(term * 2, norm)  # norm 8 > 1.01 * 4
+    grown, norm2 = limit_norm_growth(term * 2, norm)  # norm 8 > 1.01 * 4
     assert float(grown.norm()) == pytest.approx(1.01 * 4.0, rel=1e-6)
     assert float(norm2) == pytest.approx(1.01 * 4.0, rel=1e-6)
-    shrunk, norm3 = gm.limit_norm_growth(term * 0.5, norm2)  # shrinking is never limited
+    shrunk, norm3 = limit_norm_growth(term * 0.5, norm2)  # shrinking is never limited
     assert torch.equal(shrunk, term * 0.5) and float(norm3) == pytest.approx(2.0)
 
 
@@ -279,9 +280,9 @@ def test_fused_recovered_update_equals_back_projection_plus_limited_recovery_ter
         G = growth * torch.randn(*shape, generator=g, dtype=torch.float64)
         R = gm.project(G, basis, side)
         N = torch.randn_like(R)
-        term, expected_norm = gm.limit_norm_growth(gm.recovery_term(G, R, N, basis, side, back_scale), prev)
+        term, expected_norm = limit_norm_growth(recovery_term(G, R, N, basis, side, back_scale), prev)
         expected = 0.25 * gm.project_back(N, basis, side) + weight * term  # weight 0.25: scale_recovery
-        update, norm = gm.recovered_update(G, R, N, basis, side, 0.25, back_scale, prev, recovery_weight=weight)
+        update, norm = recovered_update(G, R, N, basis, side, 0.25, back_scale, prev, recovery_weight=weight)
         assert torch.allclose(update, expected, atol=1e-12)
         assert torch.allclose(norm, expected_norm, rtol=1e-10)
         prev = norm
@@ -324,10 +325,10 @@ def test_no_subspace_update_raises_the_estimation_error_at_any_gradient_scale_or
         basis = S if side == "left" else S.T.contiguous()
         if side == "right":
             G = G.T.contiguous()
-        before = gm.estimation_error(basis, G, side)
+        before = estimation_error(basis, G, side)
         for eta in ["auto", 1e-3, 10.0, 1e4]:
             new_basis, _ = gm.grassmann_update(basis, G, side, step_size=eta, geodesic_rank=geodesic_rank)
-            assert gm.estimation_error(new_basis, G, side) <= before * (1 + 1e-6), (eta, scale)
+            assert estimation_error(new_basis, G, side) <= before * (1 + 1e-6), (eta, scale)
 
 
 @pytest.mark.parametrize("eta", ["auto", 1e-3, 10.0, 1e4])
@@ -354,7 +355,7 @@ def test_rank_k_step_moves_each_direction_to_its_own_best_angle_and_stays_orthon
     m, n, r, k = 48, 120, 8, 5
     G = low_rank_plus_noise(m, n, r, g, noise=0.2).double()
     S = orthonormal(m, r, g, torch.float64)
-    S_k, theta = gm.rank_k_step(S, G, k, "auto")
+    S_k, theta = rank_k_step(S, G, k, "auto")
     assert torch.linalg.norm(S_k.T @ S_k - torch.eye(r, dtype=torch.float64)) < 1e-10
     captured = (S_k.T @ G).norm() ** 2
     # Perturb one direction's angle at a time (same U, V as the step): the captured energy only falls.
@@ -373,7 +374,7 @@ def test_rank_k_step_moves_each_direction_to_its_own_best_angle_and_stays_orthon
     # More directions capture at least as much as the rank-1 step, and k = 1 is the rank-1 step.
     S_1, theta_1 = gm.grassmann_update(S, G, "left", "auto")
     assert captured >= (S_1.T @ G).norm() ** 2
-    S_k1, theta_k1 = gm.rank_k_step(S, G, 1, "auto")
+    S_k1, theta_k1 = rank_k_step(S, G, 1, "auto")
     assert torch.allclose(S_k1, S_1, atol=1e-10) and float(theta_k1) == pytest.approx(float(theta_1), abs=1e-10)
 
 
@@ -386,13 +387,13 @@ def test_rank_k_step_degenerate_tangents_stay_orthonormal_and_finite():
     low = torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g) * 1e3
     inside = S @ torch.randn(r, n, generator=g)
     for G in (low, inside):
-        S_new, theta = gm.rank_k_step(S, G, r, "auto")
+        S_new, theta = rank_k_step(S, G, r, "auto")
         assert torch.isfinite(S_new).all() and torch.isfinite(theta)
         assert torch.linalg.norm(S_new.T @ S_new - torch.eye(r)) < 1e-4
-        assert gm.estimation_error(S_new, G, "left") <= gm.estimation_error(S, G, "left") * (1 + 1e-5) + 1e-3
-    assert torch.equal(gm.rank_k_step(S, inside, r, "auto")[0], S)  # nothing to gain, nothing moves
+        assert estimation_error(S_new, G, "left") <= estimation_error(S, G, "left") * (1 + 1e-5) + 1e-3
+    assert torch.equal(rank_k_step(S, inside, r, "auto")[0], S)  # nothing to gain, nothing moves
     full = orthonormal(m, m, g)
-    assert torch.equal(gm.rank_k_step(full, low, m, "auto")[0], full)  # r = m: no room to move
+    assert torch.equal(rank_k_step(full, low, m, "auto")[0], full)  # r = m: no room to move
 
 
 def _svd_top(T):

@@ -13,7 +13,8 @@ from pretrain import train as train_module
 from pretrain.checkpoint import list_checkpoints, load_checkpoint
 from pretrain.config import ConfigError, load_config
 from pretrain.strategies import base
-from tests.test_train import nano_config, read_metrics, run_cli
+from tests.nano import nano_config
+from tests.test_train import read_metrics, run_cli
 
 LOG_EVERY_3 = ["log.log_every=3", "train.max_steps=8", "train.eval_batches=1"]
 
@@ -201,37 +202,56 @@ def test_guard_settings_are_checked(tmp_path, override, words):
 
 # ----------------------------------------------------------------------------- several ranks
 
-def nan_on_rank_1_in_rank(config: str, overrides: list[str]) -> dict:
-    """On each rank of run_distributed: train 6 steps, the loss of step 3 NaN on rank 1 only."""
-    if any(o.startswith("train.deepspeed=") for o in overrides):  # skip DeepSpeed's JIT build of its shm op
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    with poisoned_loss(at_step=3, rank=1) as seen:
-        summary = train_module.train(load_config(config, overrides, world_size=2))
-    return {"unchanged": bitwise_equal(seen["before"], seen["after"]), "skipped": summary["skipped_steps"],
-            "step": summary["step"], "losses": summary["train_losses"]}
+MODES = ["zero", "replicate", "fsdp", "deepspeed"]
 
 
-@pytest.mark.parametrize("mode", ["zero", "replicate", "fsdp", "deepspeed"])
-def test_every_rank_skips_the_step_one_rank_found_non_finite(tmp_path, mode):
-    """The loss is summed over ranks before the verdict, so both ranks skip step 3 (under DeepSpeed inside
-    the engine's step, with 2 micro-batches of which the first is NaN)."""
+def nan_on_rank_1_in_rank(config: str, overrides_by_mode: dict[str, list[str]]) -> dict:
+    """On each rank of run_distributed: for each mode in turn, train 6 steps, the loss of step 3 NaN on
+    rank 1 only. {mode: what the test checks}."""
+    out = {}
+    for mode, overrides in overrides_by_mode.items():
+        if any(o.startswith("train.deepspeed=") for o in overrides):  # skip DeepSpeed's JIT build of its shm op
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        with poisoned_loss(at_step=3, rank=1) as seen:
+            summary = train_module.train(load_config(config, overrides, world_size=2))
+        out[mode] = {"unchanged": bitwise_equal(seen["before"], seen["after"]), "skipped": summary["skipped_steps"],
+                     "step": summary["step"], "losses": summary["train_losses"]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def nan_on_rank_1(tmp_path_factory):
+    """Every mode's run, one after another in one spawn of 2 ranks (the spawn and its imports cost more
+    than a 6-step nano run): {"tmp": the directory, mode: rank 0's and rank 1's results}."""
     from tests.distributed import run_distributed
 
-    overrides = [f"log.run_dir={tmp_path / 'run'}", "train.max_steps=6", "train.eval_batches=1",
-                 "train.total_batch_size=4", "train.micro_batch_size=2"]
-    overrides += (["train.deepspeed=configs/deepspeed/zero0.json", "train.micro_batch_size=1"]
-                  if mode == "deepspeed" else [f"train.parallelism={mode}"])
-    if mode != "fsdp":
-        overrides.append("train.replica_check_every=1")  # raises if the ranks' weights ever differ
-    ranks = run_distributed(nan_on_rank_1_in_rank, 2, str(nano_config(tmp_path)), overrides,
-                            env={"DS_ACCELERATOR": "cpu"}, timeout=240)
+    tmp = tmp_path_factory.mktemp("nan_on_rank_1")
+    overrides_by_mode = {}
+    for mode in MODES:
+        overrides = [f"log.run_dir={tmp / mode / 'run'}", "train.max_steps=6", "train.eval_batches=1",
+                     "train.total_batch_size=4", "train.micro_batch_size=2"]
+        overrides += (["train.deepspeed=configs/deepspeed/zero0.json", "train.micro_batch_size=1"]
+                      if mode == "deepspeed" else [f"train.parallelism={mode}"])
+        if mode != "fsdp":
+            overrides.append("train.replica_check_every=1")  # raises if the ranks' weights ever differ
+        overrides_by_mode[mode] = overrides
+    ranks = run_distributed(nan_on_rank_1_in_rank, 2, str(nano_config(tmp)), overrides_by_mode,
+                            env={"DS_ACCELERATOR": "cpu"}, timeout=480)
+    return {"tmp": tmp, **{mode: [r[mode] for r in ranks] for mode in MODES}}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_rank_skips_the_step_one_rank_found_non_finite(nan_on_rank_1, mode):
+    """The loss is summed over ranks before the verdict, so both ranks skip step 3 (under DeepSpeed inside
+    the engine's step, with 2 micro-batches of which the first is NaN)."""
+    ranks = nan_on_rank_1[mode]
     for r in ranks:
         assert r["unchanged"] and r["skipped"] == 1 and r["step"] == 6
     assert same_losses(ranks[0]["losses"], ranks[1]["losses"])  # the same global loss on both, NaN at step 3
     assert math.isnan(ranks[0]["losses"][2]) and math.isfinite(ranks[0]["losses"][-1])
-    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_00000006")
+    assert os.path.isdir(nan_on_rank_1["tmp"] / mode / "run" / "checkpoints" / "step_00000006")
 
 
 def test_per_layer_updates_count_a_nan_step_stop_and_keep_it_out_of_checkpoints(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Hugging Face conversion: exported models compute the same logits in transformers, and come back intact."""
 
+import ast
 import json
 import os
 import subprocess
@@ -10,8 +11,10 @@ import torch
 import transformers
 
 from models import build_model, get_config
-from models.hf import export_checkpoint, from_hf_config, import_hf, to_hf_config
+from models.hf import EXPORT_MOVED, from_hf_config, import_hf, to_hf_config
 from models.hf import main as hf_main
+from pretrain.export import export_checkpoint
+from pretrain.export import main as export_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 512
@@ -82,8 +85,8 @@ def test_import_of_a_sharded_transformers_save(tmp_path):
 def test_hf_cli_round_trip(tmp_path):
     model = random_nano(num_kv_heads=1)
     save_checkpoint(model, tmp_path / "ckpt")
-    # One real process proves `python -m models.hf` works; the way back runs the same main() in-process.
-    done = subprocess.run([sys.executable, "-m", "models.hf", "export", str(tmp_path / "ckpt"), str(tmp_path / "hf")],
+    # One real process proves `python -m pretrain.export` works; the way back runs models.hf's main() in-process.
+    done = subprocess.run([sys.executable, "-m", "pretrain.export", str(tmp_path / "ckpt"), str(tmp_path / "hf")],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert hf_main(["import", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
@@ -91,18 +94,56 @@ def test_hf_cli_round_trip(tmp_path):
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
-def test_hf_cli_errors_name_the_missing_path_and_the_fix(tmp_path, capsys):
+def test_export_cli_errors_name_the_missing_path_and_the_fix(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        hf_main(["export", str(tmp_path / "nowhere"), str(tmp_path / "hf")])
+        export_main([str(tmp_path / "nowhere"), str(tmp_path / "hf")])
     assert exit_info.value.code == 2
     assert "nowhere' does not exist" in capsys.readouterr().err
 
     save_checkpoint(random_nano(), tmp_path / "ckpt")
-    assert hf_main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    assert export_main([str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
     with pytest.raises(SystemExit):
-        hf_main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+        export_main([str(tmp_path / "ckpt"), str(tmp_path / "hf")])
     assert "--overwrite" in capsys.readouterr().err
-    assert hf_main(["export", "--overwrite", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    assert export_main(["--overwrite", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+
+
+def test_models_hf_export_points_to_pretrain_export_in_one_line(tmp_path, capsys):
+    save_checkpoint(random_nano(), tmp_path / "ckpt")
+    assert hf_main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == EXPORT_MOVED + "\n" and "python -m pretrain.export" in captured.err
+    assert captured.out == "" and not (tmp_path / "hf").exists()  # nothing exported
+
+
+MODELS = os.path.join(ROOT, "models")
+
+
+def test_no_module_under_models_imports_pretrain():
+    """The model zoo never reaches up into the trainer: no import of pretrain (or anything under it)
+    anywhere in models/, at module level or inside a function."""
+    offenders = []
+    for name in sorted(os.listdir(MODELS)):
+        if not name.endswith(".py"):
+            continue
+        path = os.path.join(MODELS, name)
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""] if node.level == 0 else []
+            else:
+                continue
+            offenders += [f"{name}:{node.lineno} imports {m}" for m in modules if m.split(".")[0] == "pretrain"]
+    assert not offenders, offenders
+    # and at run time: the zoo and its command line (the export pointer too) load nothing of pretrain
+    probe = ("import sys, models, models.hf, models.llama, models.sizes\n"
+             "assert models.hf.main(['export', 'a', 'b']) == 2\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pretrain'))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == "[]\n", done.stdout + done.stderr
 
 
 def test_hf_config_round_trip_and_fields():

@@ -6,29 +6,13 @@ import shutil
 import subprocess
 import sys
 
+from tests.nano import nano_yaml
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("models", "data", "optim", "pretrain")
 
-NANO = """
-model:
-  size: nano
-data:
-  seq_len: 32
-optim:
-  name: subtrack++
-  rank: 8
-  update_interval: 2
-train:
-  micro_batch_size: 2
-  total_batch_size: 4
-  max_steps: 3
-  warmup_steps: 0
-  eval_every: 0
-  eval_batches: 1
-log:
-  log_every: 1
-  tensorboard: false
-"""
+NANO = nano_yaml(optim={"name": "subtrack++", "lr": 1.0e-3, "rank": 8, "update_interval": 2},
+                 train={"max_steps": 3, "warmup_steps": 0, "eval_batches": 1})
 
 
 def pip(*args, cwd):
@@ -72,7 +56,7 @@ def test_the_wheel_installs_and_trains_from_outside_the_repository(tmp_path):
         return subprocess.run([fresh_python, *args], cwd=elsewhere, env=env, capture_output=True, text=True,
                               timeout=120)
 
-    where = python("-c", "import pretrain.strategies.fsdp, optim.sharding.fsdp, data.sample, models.hf; "
+    where = python("-c", "import pretrain.strategies.fsdp, optim.sharding.fsdp, data.sample, models.hf, pretrain.export; "
                          "print(pretrain.strategies.fsdp.__file__, optim.sharding.fsdp.__file__)")
     assert where.returncode == 0, where.stderr
     assert where.stdout.split() == [str(site / "pretrain" / "strategies" / "fsdp.py"),

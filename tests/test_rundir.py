@@ -6,7 +6,8 @@ from pretrain import __main__ as cli
 from pretrain.checkpoint import list_checkpoints
 from pretrain.config import load_config
 from pretrain.train import train
-from tests.test_train import nano_config, read_metrics
+from tests.nano import nano_config
+from tests.test_train import read_metrics
 
 SHORT = ["train.max_steps=3", "train.eval_batches=1"]
 
@@ -76,8 +77,7 @@ def test_a_run_dir_without_checkpoints_or_metrics_starts_fresh(tmp_path, leftove
 def test_restart_outranks_a_recipe_that_resumes_by_default(tmp_path, capsys):
     """The C4 recipes set checkpoint.resume: auto; --restart still starts over (an explicit --resume does not)."""
     run_dir = first_run(tmp_path)
-    config = tmp_path / "resuming.yaml"
-    config.write_text(nano_config(tmp_path).read_text() + "  resume: auto\n")  # NANO ends in its checkpoint section
+    config = nano_config(tmp_path, "resuming.yaml", checkpoint={"resume": "auto"})
     assert cli.main(["--config", str(config), "--set", f"log.run_dir={run_dir}", *SHORT, "--restart"]) == 0
     assert "pretrain: --restart: moved" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3]

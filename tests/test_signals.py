@@ -12,25 +12,11 @@ from pretrain import train as train_module
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint
 from pretrain.config import load_config
 from pretrain.stop import StopRequest
+from tests.nano import nano_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-NANO = """
-model:
-  size: nano
-data:
-  seq_len: 32
-train:
-  micro_batch_size: 2
-  total_batch_size: 2
-  max_steps: 100000
-  warmup_steps: 2
-  eval_every: 0
-  eval_batches: 1
-log:
-  log_every: 1
-  tensorboard: false
-"""
+NANO = nano_yaml(optim={"lr": 1.0e-3}, train={"total_batch_size": 2, "max_steps": 100000, "eval_batches": 1})
 
 
 def metric_steps(run_dir) -> list[int]:

@@ -12,36 +12,10 @@ from pretrain import __main__ as cli
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint
 from pretrain.config import load_config
 from pretrain.train import train
+from tests.nano import nano_config, nano_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-NANO = """
-model:
-  size: nano
-data:
-  seq_len: 32
-  num_workers: 0
-optim:
-  lr: 3.0e-3
-train:
-  micro_batch_size: 2
-  total_batch_size: 4
-  max_steps: 20
-  warmup_steps: 2
-  eval_every: 0
-  eval_batches: 2
-log:
-  log_every: 1
-  tensorboard: false
-checkpoint:
-  every: 0
-"""
-
-
-def nano_config(tmp_path, name="nano.yaml", text=NANO):
-    path = tmp_path / name
-    path.write_text(text)
-    return path
 
 
 def run_cli(*args, timeout=180):
@@ -168,8 +142,10 @@ def test_cli_user_errors_are_one_line_with_exit_2_and_no_traceback(tmp_path, cas
         overrides.append(f"data.source={tmp_path / 'c4' / 'c4-train.*.json.gz'}")
         words = ["data.source", "c4-train.*.json.gz", "matches no file"]
     elif case == "yaml":
-        config = nano_config(tmp_path, "broken.yaml", NANO.replace("  seq_len: 32", "  seq_len: [32"))
-        words = ["broken.yaml", "invalid YAML at line 6", "fix the YAML"]
+        broken = nano_yaml().replace("  seq_len: 32", "  seq_len: [32")
+        config = nano_config(tmp_path, "broken.yaml", broken)
+        line = broken.splitlines().index("  seq_len: [32") + 2  # 1-based; the parser stops on the next line
+        words = ["broken.yaml", f"invalid YAML at line {line}", "fix the YAML"]
     else:  # as root no permission stops a write, but no directory can be made under a file
         overrides.append(f"log.run_dir={tmp_path / 'a_file' / 'run'}")
         words = ["log.run_dir", "a_file' is a file", "set log.run_dir"]
