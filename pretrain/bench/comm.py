@@ -3,7 +3,7 @@
     python -m pretrain.bench comm [--model 20m] [--world-size 2] [--steps 5] ...
 
 Setups, each on the same model and random batches; the strategies' rows run the training loop's
-own strategy objects (pretrain/strategies/: wrap, backward, step with clipping at 1.0):
+own strategy objects (pretrain/strategies/: parallelize, bind, backward, step with clipping at 1.0):
   replicate-adamw       train.parallelism=replicate: DDP all-reduces gradients, every rank steps full AdamW
   ddp+sharded-adamw     DDP all-reduce, ShardedOptimizer steps its shard and all-gathers (3x model bytes)
   zero-adamw            train.parallelism=zero: ShardedOptimizer reduce-scatters gradients and all-gathers
