@@ -30,8 +30,22 @@ import statistics
 import sys
 import tempfile
 import time
+import typing
 
-SETUPS = ("replicate-adamw", "ddp+sharded-adamw", "zero-adamw", "zero-subtrack++", "fsdp-adamw", "fsdp-subtrack++")
+
+
+class Setup(typing.NamedTuple):
+    mode: str  # a strategy of pretrain/strategies/, or "ddp+sharded" (no strategy of the loop)
+    optim: str
+    optim_settings: dict = {}
+    count_at_torch: bool = False  # FSDP2's collectives: counted at torch.distributed (no hook or comm_bytes)
+
+
+FSDP_SIDE = {"proj_type": "right"}  # FSDP2's row shards need right-side bases
+SETUPS = {"replicate-adamw": Setup("replicate", "adamw"), "ddp+sharded-adamw": Setup("ddp+sharded", "adamw"),
+          "zero-adamw": Setup("zero", "adamw"), "zero-subtrack++": Setup("zero", "subtrack++"),
+          "fsdp-adamw": Setup("fsdp", "adamw", FSDP_SIDE, True),
+          "fsdp-subtrack++": Setup("fsdp", "subtrack++", FSDP_SIDE, True)}
 
 
 def parse_args(argv):
@@ -108,17 +122,16 @@ def _run_setup(setup, args, rank, world):
 
     torch.manual_seed(0)
     model = build_model(args.model, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
-    name = "subtrack++" if setup.endswith("subtrack++") else "adamw"
-    side = {"proj_type": "right"} if setup.startswith("fsdp") else {}  # fsdp's row shards need the right side
-    cfg = RunConfig(optim=OptimConfig(name=name, rank=args.rank, update_interval=args.update_interval, **side),
+    mode, name, extra, count_at_torch = SETUPS[setup]
+    cfg = RunConfig(optim=OptimConfig(name=name, rank=args.rank, update_interval=args.update_interval, **extra),
                     train=TrainConfig(micro_batch_size=args.batch_size, total_batch_size=args.batch_size * world))
     info = DistInfo(rank, world, rank, torch.device("cpu"))
-    if setup == "ddp+sharded-adamw":  # no strategy of the loop: DDP averages, then zero's clip and sharded step
+    if mode not in STRATEGIES:  # ddp+sharded, no strategy of the loop: DDP averages, then zero's clip and sharded step
         strategy = Zero(cfg, info)
         strategy.bind(model, build_sharded_optimizer(model, cfg.optim, reduce_gradients=False))
         opt, forward = strategy.optimizer, DistributedDataParallel(model)
     else:
-        strategy = STRATEGIES[setup.split("-")[0]](cfg, info)
+        strategy = STRATEGIES[mode](cfg, info)
         model = strategy.parallelize(model)
         opt = strategy.build_optimizer(model)
         forward = strategy.bind(model, opt)
@@ -143,7 +156,7 @@ def _run_setup(setup, args, rank, world):
         before = moved()
         dist.barrier()
         start = time.perf_counter()
-        with counting_collectives(counted) if setup.startswith("fsdp") else contextlib.nullcontext():
+        with counting_collectives(counted) if count_at_torch else contextlib.nullcontext():
             with strategy.accumulating(last=True):
                 logits = forward(tokens[:, :-1])
                 strategy.backward(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)))
