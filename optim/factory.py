@@ -246,6 +246,30 @@ def matrix_group(cfg: OptimConfig) -> dict | None:
     return keys or (None if cfg.choices() is None else {})
 
 
+def state_layout(name: str, shape, dtype: torch.dtype, projected: bool, group: dict, rows: int | None = None):
+    """The state (optim.state_layout.Layout) that build_optimizer's optimizer for preset `name` keeps for
+    one weight of `shape` and `dtype`; projected: whether it is one of the matrices (is_projected).
+
+    group: the settings a layout reads: rank, state_bits, proj_type, basis_dtype, accumulate, momentum.
+    rows: this process's rows of a weight sharded by rows (FSDP2; None: all)."""
+    from optim import state_layout as layouts
+    from optim import subtrack, tracked_adafactor
+
+    local = tuple(shape) if rows is None else (rows, *tuple(shape)[1:])
+    if projected and name in APOLLO:
+        return layouts.apollo(shape, APOLLO[name].get("rank", group["rank"]))
+    if projected and name in MATRIX_PEERS:  # optim/hybrid.py: torch's Muon / Adafactor, or ours
+        if name == "muon":
+            return layouts.torch_muon(shape, dtype)
+        if name == "adafactor":
+            return layouts.torch_adafactor(shape, dtype, group.get("momentum"))
+        return tracked_adafactor.state_layout(shape, dtype, group)
+    if name in LOW_RANK or group["state_bits"] == 8:  # SubTrackAdamW (plain AdamW on the other weights)
+        keys = group if projected and name in LOW_RANK else {"state_bits": group["state_bits"]}
+        return subtrack.state_layout(shape, dtype, keys, rows)
+    return layouts.torch_adamw(local, dtype)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, optimizer_class=None) -> torch.optim.Optimizer:
     """The optimizer `cfg` names, over `model`'s trainable parameters (every group has `names`).
 
