@@ -58,6 +58,12 @@ TRACKED = ("subtrack-adafactor",)  # matrix optimizers that keep a basis: optim.
 APOLLO = {"apollo": {"proj": "random", "scale_type": "channel", "scale": 1.0},
           "apollo-mini": {"rank": 1, "proj": "random", "scale_type": "tensor", "scale": 128.0}}
 APOLLO_HINT = 'optim.name {name!r} runs through the apollo-torch package: pip install -c constraints.txt -e ".[bench]"'
+# The `optim:` keys a preset cannot build without, and why it needs them (apollo-mini has its own rank,
+# subtrack-adafactor and apollo default update_interval to 200).
+NEEDS = {**{name: (("rank", "update_interval"), "projects gradients and needs it") for name in LOW_RANK},
+         **{name: (("rank",), "tracks a subspace and needs it") for name in TRACKED},
+         "apollo": (("rank",), "needs it (a quarter of hidden, as GaLore)")}
+EXAMPLES = {"rank": "a quarter of hidden_size", "update_interval": "200, the paper's for 60m-3b"}
 
 # Attention q/k/v/o and MLP gate/up/down weights are projected (names as docs/architecture.md).
 PROJECTED_NAME = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -169,6 +175,22 @@ class OptimConfig:
         return out
 
 
+def require_rank(name: str, rank: int | None, update_interval: int | None,
+                 why: str = "model size has no paper default") -> None:
+    """ValueError when preset `name` needs optim.rank or optim.update_interval (NEEDS) and it is None;
+    `why`: why it was not filled in (the run config fills the paper's value for the model size)."""
+    values = {"rank": rank, "update_interval": update_interval}
+    for key in needed_keys(name):
+        if values[key] is None:
+            raise ValueError(f"optim.{key} is not set and {why}; set optim.{key} (e.g. {EXAMPLES[key]}): "
+                             f"optim.name {name!r} {NEEDS[name][1]}")
+
+
+def needed_keys(name: str) -> tuple[str, ...]:
+    """The `optim:` keys preset `name` cannot build without: ("rank", "update_interval"), ("rank",) or ()."""
+    return NEEDS[name][0] if name in NEEDS else ()
+
+
 def is_projected(name: str, param: torch.Tensor) -> bool:
     """True for the attention and MLP weight matrices (the ones GaLore and SubTrack++ project)."""
     return param.ndim == 2 and PROJECTED_NAME.search(name) is not None
@@ -219,10 +241,33 @@ def matrix_group(cfg: OptimConfig) -> dict | None:
         if cfg.name != "adafactor" or momentum is not None:
             keys["momentum"] = momentum
         if cfg.name in TRACKED:
-            if cfg.rank is None:
-                raise ValueError(f"optim.rank is not set; optim.name {cfg.name!r} tracks a subspace and needs it")
+            require_rank(cfg.name, cfg.rank, cfg.update_interval)
             keys.update(rank=cfg.rank, update_proj_gap=cfg.update_interval or 200, proj_type=cfg.proj_type)
     return keys or (None if cfg.choices() is None else {})
+
+
+def state_layout(name: str, shape, dtype: torch.dtype, projected: bool, group: dict, rows: int | None = None):
+    """The state (optim.state_layout.Layout) that build_optimizer's optimizer for preset `name` keeps for
+    one weight of `shape` and `dtype`; projected: whether it is one of the matrices (is_projected).
+
+    group: the settings a layout reads: rank, state_bits, proj_type, basis_dtype, accumulate, momentum.
+    rows: this process's rows of a weight sharded by rows (FSDP2; None: all)."""
+    from optim import state_layout as layouts
+    from optim import subtrack, tracked_adafactor
+
+    local = tuple(shape) if rows is None else (rows, *tuple(shape)[1:])
+    if projected and name in APOLLO:
+        return layouts.apollo(shape, APOLLO[name].get("rank", group["rank"]))
+    if projected and name in MATRIX_PEERS:  # optim/hybrid.py: torch's Muon / Adafactor, or ours
+        if name == "muon":
+            return layouts.torch_muon(shape, dtype)
+        if name == "adafactor":
+            return layouts.torch_adafactor(shape, dtype, group.get("momentum"))
+        return tracked_adafactor.state_layout(shape, dtype, group)
+    if name in LOW_RANK or group["state_bits"] == 8:  # SubTrackAdamW (plain AdamW on the other weights)
+        keys = group if projected and name in LOW_RANK else {"state_bits": group["state_bits"]}
+        return subtrack.state_layout(shape, dtype, keys, rows)
+    return layouts.torch_adamw(local, dtype)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, optimizer_class=None) -> torch.optim.Optimizer:
@@ -246,10 +291,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, optimizer_class=None) ->
     if choices is None:
         # AdamW keeps extra group keys such as `names` untouched.
         return torch.optim.AdamW(param_groups(model, matrix_group=matrices), **adam)
-    for key in ("rank", "update_interval"):
-        if getattr(cfg, key) is None:
-            raise ValueError(f"optim.{key} is not set and model size has no paper default; set optim.{key} "
-                             f"(optimizer {cfg.name!r} projects gradients and needs it)")
+    require_rank(cfg.name, cfg.rank, cfg.update_interval)
     groups = param_groups(model, rank=cfg.rank, update_interval=cfg.update_interval, scale=cfg.scale,
                           matrix_group=matrices, **cfg.group_options())
     return optimizer_class(groups, **adam, state_bits=cfg.state_bits)
@@ -257,13 +299,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, optimizer_class=None) ->
 
 def build_apollo(model: nn.Module, cfg: OptimConfig, adam: dict) -> torch.optim.Optimizer:
     """apollo-torch's APOLLOAdamW with the matrices in its projected group (APOLLO's README settings)."""
+    require_rank(cfg.name, cfg.rank, cfg.update_interval)
     try:
         from apollo_torch import APOLLOAdamW
     except ImportError:
         raise ValueError(APOLLO_HINT.format(name=cfg.name)) from None
     settings = {"rank": cfg.rank, "update_proj_gap": cfg.update_interval or 200, "proj_type": "std",
                 **APOLLO[cfg.name]}
-    if settings["rank"] is None:
-        raise ValueError(f"optim.rank is not set; optim.name {cfg.name!r} needs it (a quarter of hidden, as GaLore)")
     groups = param_groups(model, matrix_group={"lr": cfg.lr * cfg.matrix_lr_ratio, **settings})
     return APOLLOAdamW(groups, **adam)

@@ -23,10 +23,13 @@ Three layers, from low to high:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from optim.nbytes import tensor_bytes
 from optim.options import STATE_BITS, check
+from optim.state_layout import Layout, Slot, allocate
 
 BLOCKSIZE = 256  # the block size of bitsandbytes' blockwise 8-bit optimizers (CPU supports only this)
 MIN_8BIT_NUMEL = 4096  # bitsandbytes' default min_8bit_size: smaller tensors keep float32 state
@@ -104,20 +107,25 @@ def pack_into(packed: dict[str, torch.Tensor], x: torch.Tensor, signed: bool) ->
 # Moments in an optimizer state dict (flat keys, tensors only)
 # ---------------------------------------------------------------------------------------------
 
-def init_moment(state: dict, key: str, shape, device, state_bits: int, full_shape=None) -> None:
-    """Zero moment of `shape` at state[key] (+ state[key + "_absmax"] when stored in 8 bits).
+def moment_layout(key: str, shape, state_bits: int, full_shape=None) -> Layout:
+    """The state of one zero moment of `shape` at `key`: uint8 codes of `shape` + float32 absmax at
+    key + "_absmax" when stored in 8 bits, else a float32 moment.
 
     full_shape: the whole moment's shape when `shape` is one shard of it (default: `shape`); it decides
     8 bits or 32, so every shard of a moment is stored alike. Zero codes with zero absmax dequantize to
     exactly 0, as bitsandbytes initialises its state.
     """
-    shape = torch.Size(shape)
-    if use_8bit(torch.Size(shape if full_shape is None else full_shape).numel(), state_bits):
-        state[key] = torch.zeros(shape, dtype=torch.uint8, device=device)
-        state[key + ABSMAX_SUFFIX] = torch.zeros(num_blocks(shape.numel()), dtype=torch.float32, device=device)
-    else:
-        state[key] = torch.zeros(shape, dtype=torch.float32, device=device)
-        state.pop(key + ABSMAX_SUFFIX, None)
+    shape = tuple(shape)
+    if use_8bit(math.prod(shape if full_shape is None else full_shape), state_bits):
+        absmax = Slot((num_blocks(math.prod(shape)),), torch.float32)
+        return {key: Slot(shape, torch.uint8), key + ABSMAX_SUFFIX: absmax}
+    return {key: Slot(shape, torch.float32)}
+
+
+def init_moment(state: dict, key: str, shape, device, state_bits: int, full_shape=None) -> None:
+    """Zero moment at state[key] as `moment_layout` declares it (a stale absmax of a 32-bit one removed)."""
+    state.pop(key + ABSMAX_SUFFIX, None)
+    state.update(allocate(moment_layout(key, shape, state_bits, full_shape), device))
 
 
 def is_8bit(state: dict, key: str) -> bool:

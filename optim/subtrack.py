@@ -23,7 +23,8 @@ The Adam arithmetic (bias correction folded into the step size, eps added to sqr
 decay after the update) follows galore-torch / fira so the presets reproduce them. The math of
 the subspace lives in optim/grassmann.py; this file only schedules it and keeps the state.
 
-State per projected weight (tensors only, created when the group is added):
+State per projected weight (tensors only, created when the group is added from `state_layout`, which
+pretrain/memory.py counts too):
     step, moment_step (int64, CPU)  steps taken; steps since the moments were (re)started
     basis (float32 | bfloat16)      S: (m, r) or P: (r, n); zeros until the first step. Stored in
                                     the group's basis_dtype; every use upcasts it to float32 and a
@@ -64,9 +65,45 @@ import torch
 from optim import grassmann as gm
 from optim import quant8
 from optim.options import PROJECTED, PROJECTED_DEFAULTS, STATE_BITS, check, check_rank
+from optim.state_layout import COUNTER, Layout, Slot, allocate
 from optim.stats import SubspaceStats
 
 logger = logging.getLogger(__name__)
+
+
+def state_layout(shape, dtype: torch.dtype, group: dict, rows: int | None = None) -> Layout:
+    """SubTrackAdamW's state of a weight of `shape` and `dtype` in `group` (the module docstring's list).
+
+    Reads the group's `state_bits` and, when it has a `rank` (projected), `proj_type`, `basis_dtype` and
+    `accumulate`. rows: this process's rows of a weight sharded by rows (None: all of them); the basis
+    stays whole, and 8 bits or not is decided by a moment's whole size, so every shard decides alike.
+    """
+    shape = tuple(shape)
+    local = shape if rows is None else (rows, *shape[1:])
+    if "rank" not in group:  # AdamW: zeros_like(p), or bitsandbytes' blockwise 8-bit state (float32 below 4096)
+        return {"step": COUNTER, **_moments(local, shape, group["state_bits"], dtype)}
+    (m, n), r = shape, group["rank"]
+    rows = m if rows is None else rows
+    left = gm.projection_side((m, n), group["proj_type"]) == gm.LEFT
+    low, full_low = ((r, n), (r, n)) if left else ((rows, r), (m, r))
+    # float32 whatever the weight dtype (float64 weights keep float64 state, for references).
+    f32 = torch.promote_types(dtype, torch.float32)
+    out = {"step": COUNTER, "moment_step": COUNTER,
+           "basis": Slot((m, r) if left else (r, n), torch.bfloat16 if group["basis_dtype"] == "bfloat16" else f32),
+           **_moments(low, full_low, group["state_bits"], f32),
+           "limiter_norm": Slot((), f32, -1.0), "subspace_updates": COUNTER, "angle": Slot((), f32)}
+    if group["accumulate"]:
+        out.update(grad_sum=Slot((rows, n), f32), grad_count=COUNTER)
+    return out
+
+
+def _moments(shape, full_shape, state_bits: int, dtype: torch.dtype) -> Layout:
+    """exp_avg and exp_avg_sq of `shape`: 8-bit as optim/quant8.py lays them out (by the whole moment's
+    size, `full_shape`), else in `dtype`."""
+    if state_bits == 8:
+        return {**quant8.moment_layout("exp_avg", shape, 8, full_shape),
+                **quant8.moment_layout("exp_avg_sq", shape, 8, full_shape)}
+    return {"exp_avg": Slot(shape, dtype), "exp_avg_sq": Slot(shape, dtype)}
 
 
 class SubTrackAdamW(torch.optim.Optimizer, SubspaceStats):
@@ -125,41 +162,8 @@ class SubTrackAdamW(torch.optim.Optimizer, SubspaceStats):
     def _init_state(self, p: torch.Tensor, group: dict) -> None:
         """Create every state tensor up front so state_dict() is complete before the first step."""
         state = self.state[p]
-        if state:
-            return
-        count = lambda: torch.zeros((), dtype=torch.int64)  # noqa: E731 - host-side counters
-        state["step"] = count()
-        local = self._local(p)
-        if "rank" not in group:
-            if group["state_bits"] == 8:  # bitsandbytes' blockwise 8-bit AdamW state (float32 below 4096 elements)
-                quant8.init_moment(state, "exp_avg", local.shape, p.device, 8, p.shape)
-                quant8.init_moment(state, "exp_avg_sq", local.shape, p.device, 8, p.shape)
-                return
-            state["exp_avg"] = torch.zeros_like(local, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(local, memory_format=torch.preserve_format)
-            return
-        m, n, r = p.shape[0], p.shape[1], group["rank"]
-        rows = self._local(p).shape[0]  # m, or this process's rows of a sharded weight
-        side = gm.projection_side((m, n), group["proj_type"])
-        low, full_low = ((r, n), (r, n)) if side == gm.LEFT else ((rows, r), (m, r))
-        # float32 whatever the weight dtype (float64 weights keep float64 state, for references).
-        f32 = {"dtype": torch.promote_types(p.dtype, torch.float32), "device": p.device}
-        basis_dtype = torch.bfloat16 if group["basis_dtype"] == "bfloat16" else f32["dtype"]
-        state["moment_step"] = count()
-        state["basis"] = gm.column_major(torch.zeros((m, r) if side == gm.LEFT else (r, n), dtype=basis_dtype,
-                                                     device=p.device))
-        if group["state_bits"] == 8:  # 8 bits or not by the whole moment's size, so every shard decides alike
-            quant8.init_moment(state, "exp_avg", low, p.device, 8, full_low)
-            quant8.init_moment(state, "exp_avg_sq", low, p.device, 8, full_low)
-        else:
-            state["exp_avg"] = torch.zeros(low, **f32)
-            state["exp_avg_sq"] = torch.zeros(low, **f32)
-        state["limiter_norm"] = torch.full((), -1.0, **f32)
-        state["subspace_updates"] = count()
-        state["angle"] = torch.zeros((), **f32)
-        if group["accumulate"]:
-            state["grad_sum"] = torch.zeros((rows, n), **f32)
-            state["grad_count"] = count()
+        if not state:  # the rows: m, or this process's rows of a sharded weight
+            state.update(allocate(state_layout(p.shape, p.dtype, group, self._local(p).shape[0]), p.device))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but keeps each state tensor's saved dtype (bases stay float32, counters int64)."""

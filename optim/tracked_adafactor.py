@@ -28,9 +28,21 @@ import torch
 
 from optim import grassmann as gm
 from optim.options import check_rank
+from optim.state_layout import COUNTER, Layout, Slot, allocate
 
 DEFAULTS = {"lr": 1e-2, "momentum": 0.9, "update_proj_gap": 200, "proj_type": "std", "weight_decay": 0.0,
             "d": 1.0, "eps2": 1e-3, "beta2_decay": -0.8}
+
+
+def state_layout(shape, dtype: torch.dtype, group: dict) -> Layout:
+    """TrackedAdafactor's state of an (m, n) weight in `group` (its `rank` and `proj_type`), float32
+    (float64 for float64 weights): the factored second moment, the basis and the subspace momentum."""
+    (m, n), r = shape, group["rank"]
+    f32 = torch.promote_types(dtype, torch.float32)
+    left = gm.projection_side((m, n), group["proj_type"]) == gm.LEFT
+    return {"step": COUNTER, "row_var": Slot((m, 1), f32), "col_var": Slot((1, n), f32),
+            "basis": Slot((m, r) if left else (r, n), f32), "exp_avg": Slot((r, n) if left else (m, r), f32),
+            "subspace_updates": COUNTER, "angle": Slot((), f32)}
 
 
 class TrackedAdafactor(torch.optim.Optimizer):
@@ -51,19 +63,8 @@ class TrackedAdafactor(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor, group: dict) -> None:
         """Every state tensor up front, so state_dict() is complete before the first step."""
-        state = self.state[p]
-        if state:
-            return
-        m, n, r = p.shape[0], p.shape[1], group["rank"]
-        f32 = {"dtype": torch.promote_types(p.dtype, torch.float32), "device": p.device}
-        left = gm.projection_side((m, n), group["proj_type"]) == gm.LEFT
-        state["step"] = torch.zeros((), dtype=torch.int64)
-        state["row_var"] = torch.zeros((m, 1), **f32)
-        state["col_var"] = torch.zeros((1, n), **f32)
-        state["basis"] = gm.column_major(torch.zeros((m, r) if left else (r, n), **f32))
-        state["exp_avg"] = torch.zeros((r, n) if left else (m, r), **f32)
-        state["subspace_updates"] = torch.zeros((), dtype=torch.int64)
-        state["angle"] = torch.zeros((), **f32)
+        if not self.state[p]:
+            self.state[p].update(allocate(state_layout(p.shape, p.dtype, group), p.device))
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -185,7 +185,7 @@ def fill_paper_rank(raw: dict) -> None:
     Works on the raw mapping so an explicit value is told apart from a dataclass default.
     """
     from models.sizes import PAPER_RANK
-    from optim.factory import PRESETS
+    from optim.factory import PRESETS, needed_keys, require_rank
 
     model, optim = raw.get("model") or {}, raw.setdefault("optim", {})
     if optim is None:
@@ -195,18 +195,18 @@ def fill_paper_rank(raw: dict) -> None:
     size, name = model.get("size", ModelSection.size), optim.get("name", OptimConfig.name)
     if name not in PRESETS:
         return  # OptimConfig names the unknown preset
-    examples = {"rank": "a quarter of hidden_size", "update_interval": "200, the paper's for 60m-3b"}
     for index, key in enumerate(("rank", "update_interval")):
         if optim.get(key) is not None:
             continue  # an explicit value wins
         if size in PAPER_RANK:
             optim[key] = PAPER_RANK[size][index]
-        elif PRESETS[name] is not None:
-            raise ConfigError(f"optim.{key} is not set and model.size {size!r} has no paper value (the paper "
-                              f"table covers {', '.join(PAPER_RANK)}); set optim.{key} (e.g. {examples[key]}) "
-                              f"for optim.name {name!r}")
-        else:
-            optim.pop(key, None)  # adamw ignores it: the OptimConfig default
+        elif key not in needed_keys(name):
+            optim.pop(key, None)  # the preset does not need it: the OptimConfig default
+    try:
+        require_rank(name, optim.get("rank"), optim.get("update_interval"),
+                     f"model.size {size!r} has no paper value (the paper table covers {', '.join(PAPER_RANK)})")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_config(raw: dict) -> RunConfig:
@@ -310,21 +310,23 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
 
 
 def check_rank_fits(cfg: RunConfig, model) -> None:
-    """A projected preset's optim.rank is set and at most min(m, n) of every projected weight:
+    """A preset that needs optim.rank has it set, at most min(m, n) of every projected weight:
     q, o (hidden, hidden), k, v (kv_heads * head_dim, hidden), gate, up, down (intermediate, hidden)."""
-    from optim.factory import PRESETS
+    from optim.factory import needed_keys, require_rank
     from optim.options import rank_fits
 
     name = cfg.optim.name
-    if PRESETS[name] is None:
-        return  # adamw projects nothing
-    for key in ("rank", "update_interval"):
-        if getattr(cfg.optim, key) is None:
-            raise ConfigError(f"optim.{key} is not set for optim.name {name!r}; set optim.{key}")
+    try:
+        require_rank(name, cfg.optim.rank, cfg.optim.update_interval)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if "rank" not in needed_keys(name):
+        return  # adamw and the other full-rank presets project nothing
+    # every projected weight's shorter side is one of these (models/llama.py's q, k, v, o, gate, up, down)
     limits = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
               "num_kv_heads x head_dim": model.num_kv_heads * model.head_dim}
-    bound, limit = min((v, k) for k, v in limits.items())
     if not rank_fits(cfg.optim.rank, tuple(limits.values())):
+        bound, limit = min((v, k) for k, v in limits.items())
         raise ConfigError(f"optim.rank = {cfg.optim.rank} exceeds the smallest side of the projected weights, "
                           f"{limit} = {bound} (model.size {cfg.model.size!r}); set optim.rank <= {bound} "
                           f"(e.g. {max(1, model.hidden_size // 4)}, a quarter of hidden_size)")

@@ -20,15 +20,17 @@ Assumptions, each a line of the breakdown:
   and counts activations in bf16 (the float32 residual stream it keeps is not modelled).
 - gradients: one per weight in ``dtype``; with per-layer updates (each weight stepped in its
   post-accumulate-grad hook and its gradient freed) only the largest single gradient is alive.
-- optimizer state (see ``state_bytes``):
+- optimizer state (see ``state_bytes``): the bytes of the state each optimizer declares for a weight
+  (optim.factory.state_layout; ours allocate from that declaration, so the two cannot drift):
   AdamW 32-bit (torch.optim.AdamW): exp_avg + exp_avg_sq in the weights' dtype (zeros_like).
   8-bit (bitsandbytes' blockwise layout, optim/quant8.py): 1 byte per element + one float32
   absmax per 256, for tensors of at least MIN_8BIT_NUMEL elements; smaller ones float32.
   Low-rank (galore, fira, subtrack, subtrack++) for a projected (m, n) weight: a float32 basis
   S (m, r) when m < n, or P (r, n) when m >= n; moments M, V of the projected gradient,
   (r, n) or (m, r), in float32 or 8-bit; a few 0-d counters (step counts, limiter norm,
-  last angle). Other weights (embeddings, norms, head) use AdamW as above (bitsandbytes' 8-bit
-  AdamW when state_bits is 8).
+  last angle); with optim.accumulate the gradient sum (m, n) since the last subspace update.
+  Other weights (embeddings, norms, head) use AdamW as above (bitsandbytes' 8-bit AdamW when
+  state_bits is 8).
 - activations: the tensors autograd saves, counted per block from models/llama.py (and
   measured in tests with saved_tensors_hooks). Per block, with b the activation dtype's bytes,
   N = B*T tokens, d hidden, f intermediate, H heads, K kv heads, D head dim:
@@ -76,14 +78,17 @@ import torch
 
 from models.llama import LlamaConfig
 from models.sizes import build_model, get_config
-from optim import grassmann as gm
 from optim import quant8
-from optim.factory import PRESETS, is_projected
+from optim.factory import APOLLO, LOW_RANK, MATRIX_PEERS, PRESETS, is_projected, needed_keys, state_layout
 from optim.nbytes import tensor_bytes
 from optim.options import STATE_BITS, check
+from optim.per_layer import check_per_layer_allowed
+from optim.sharding.fsdp import check_row_local_projection
+from optim.state_layout import nbytes as layout_bytes
 
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
-LOW_RANK = tuple(name for name, preset in PRESETS.items() if preset is not None)
+MATRIX_STATE = (*MATRIX_PEERS, *APOLLO)  # methods with their own matrix state (optim/hybrid.py, apollo-torch)
+FULL_RANK_ADAMW = ("adamw", "adamw8bit")  # AdamW on every weight, the matrices included
 
 
 @dataclass(frozen=True)
@@ -127,87 +132,44 @@ def _model_weights(fields: tuple) -> tuple[Weight, ...]:
     return tuple(Weight(name, tuple(p.shape), is_projected(name, p)) for name, p in model.named_parameters())
 
 
-def _moment_bytes(numel: int, state_bits: int, bytes_32: int) -> int:
-    """One moment of `numel` elements: 8-bit packed, or `bytes_32` per element."""
-    return quant8.packed_nbytes(numel) if quant8.use_8bit(numel, state_bits) else bytes_32 * numel
-
-
-def _sharded_moment_bytes(numel: int, local_numel: int, state_bits: int, bytes_32: int) -> int:
-    """One moment of a whole `numel` elements of which this process holds `local_numel`: 8 bits
-    or not by the whole size (every shard decides alike, optim/subtrack.py), packed locally."""
-    return quant8.packed_nbytes(local_numel) if quant8.use_8bit(numel, state_bits) else bytes_32 * local_numel
+# A dtype of each weight size (the state's dtypes depend only on the weight's bytes: fp16 counts as bf16).
+WEIGHT_DTYPES = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+BASIS_DTYPES = {2: "bfloat16", 4: "float32"}
 
 
 def state_bytes(w: Weight, optim_name: str, rank: int | None, state_bits: int, weight_bytes: int,
-                basis_bytes: int = 4, proj_type: str = "std", shards: int = 1) -> dict[str, int]:
-    """Optimizer state of one weight by kind: {"basis", "moments", "scalars", "adamw"}.
+                basis_bytes: int = 4, proj_type: str = "std", shards: int = 1, accumulate: bool = False,
+                momentum: float | None = None) -> dict[str, int]:
+    """Optimizer state of one weight by kind: {"basis", "moments", "scalars", "adamw"}, the bytes of the
+    state the optimizer allocates for it (optim.factory.state_layout, the declaration it allocates from).
 
     Projected (m, n) weight under a low-rank optimizer, r = min(rank, m, n), side by
     optim.grassmann.projection_side(proj_type) (``std``: the shorter side):
         left  (std, m < n):  basis S (m, r), moments 2 x (r, n)
         right (std, m >= n): basis P (r, n), moments 2 x (m, r)
-    (basis in float32 unless basis_bytes says otherwise; moments float32 or 8-bit)
-    e.g. 512 x 1376 at r = 128: 2 * 128 * 1376 + 512 * 128 numbers.
+    (basis in float32 unless basis_bytes says otherwise; moments float32 or 8-bit; with accumulate the
+    gradient sum (m, n) counts as a moment) e.g. 512 x 1376 at r = 128: 2 * 128 * 1376 + 512 * 128 numbers.
     With `shards` processes (FSDP2) the figures are one process's: row state (moments, AdamW
     moments) over ceil(m / shards) rows; the basis P and the counters whole (module docstring).
+    momentum: Adafactor's optional first moment (optim/hybrid.py); 0-d tensors count as scalars, the
+    weights that no method projects (or every weight under adamw) as "adamw".
     """
+    if shards > 1 and w.projected and optim_name in MATRIX_STATE:
+        raise ValueError(f"{optim_name} needs whole matrices; FSDP (shards > 1) refuses it")
+    if shards > 1 and w.projected and optim_name in LOW_RANK:
+        check_row_local_projection(proj_type, w.shape, w.name)
+    # a rank above a weight's shorter side is estimated at that side (the optimizer refuses it)
+    group = {"rank": min(rank, *w.shape) if rank else rank, "state_bits": state_bits, "proj_type": proj_type,
+             "basis_dtype": BASIS_DTYPES[basis_bytes], "accumulate": accumulate, "momentum": momentum}
+    layout = state_layout(optim_name, w.shape, WEIGHT_DTYPES[weight_bytes], w.projected, group,
+                          w.shard(shards).shape[0] if shards > 1 else None)
+    matrix_method = w.projected and optim_name not in FULL_RANK_ADAMW
     out = {"basis": 0, "moments": 0, "scalars": 0, "adamw": 0}
-    rows = w.shard(shards).shape[0]
-    if optim_name in MATRIX_STATE and w.projected:
-        if shards > 1:
-            raise ValueError(f"{optim_name} needs whole matrices; FSDP (shards > 1) refuses it")
-        out.update(MATRIX_STATE[optim_name](*w.shape, rank, weight_bytes))
-        return out
-    if optim_name in LOW_RANK and w.projected:
-        m, n = w.shape
-        r = min(rank, m, n)
-        if gm.projection_side((m, n), proj_type) == gm.LEFT:
-            if shards > 1:  # S (m, r) and moments (r, n) would need whole rows on every process
-                raise ValueError(f"{w.name} {w.shape} projects on the left under proj_type {proj_type!r}; "
-                                 "FSDP (shards > 1) needs proj_type 'right'")
-            basis, projected, local = m * r, r * n, r * n
-        else:
-            basis, projected, local = r * n, m * r, rows * r
-        out["basis"] = basis_bytes * basis
-        out["moments"] = 2 * _sharded_moment_bytes(projected, local, state_bits, 4)
-        out["scalars"] = 3 * 8 + 2 * 4  # step, moment_step, subspace_updates (int64); limiter_norm, angle
-        return out
-    local = w.shard(shards).numel
-    if state_bits == 8:
-        out["adamw"] = 2 * _sharded_moment_bytes(w.numel, local, 8, 4)  # bitsandbytes keeps small tensors in float32
-    else:
-        out["adamw"] = 2 * weight_bytes * local  # torch.optim.AdamW and SubTrackAdamW: zeros_like(p)
-    # step: int64 (SubTrackAdamW, which also runs 8-bit AdamW), float32 (torch's AdamW)
-    out["scalars"] = 8 if optim_name in LOW_RANK or state_bits == 8 else 4
+    for key, slot in layout.items():
+        kind = ("basis" if key in ("basis", "projector") else "scalars" if slot.shape == ()
+                else "moments" if matrix_method else "adamw")
+        out[kind] += layout_bytes({key: slot})
     return out
-
-
-def _muon_state(m: int, n: int, rank, wb: int) -> dict[str, int]:
-    return {"moments": wb * m * n}  # momentum_buffer: zeros_like(grad)
-
-
-def _adafactor_state(m: int, n: int, rank, wb: int) -> dict[str, int]:
-    return {"moments": wb * (m + n), "scalars": 4}  # row_var (m, 1), col_var (1, n); step (float32)
-
-
-def _tracked_adafactor_state(m: int, n: int, rank: int, wb: int) -> dict[str, int]:
-    r = min(rank, m, n)  # basis on the shorter side, momentum (r, long side), the factors: float32
-    return {"basis": 4 * r * min(m, n), "moments": 4 * (r * max(m, n) + m + n), "scalars": 8 + 8 + 4}
-
-
-def _apollo_state(r_default: int | None):
-    def state(m: int, n: int, rank, wb: int) -> dict[str, int]:
-        r = min(r_default or rank, m, n)  # apollo-torch keeps its random projection (r x short... long side)
-        return {"basis": 4 * r * min(m, n), "moments": 2 * 4 * r * max(m, n), "scalars": 8 + 4}
-    return state
-
-
-# Matrices' state of the methods outside the SubTrackAdamW family (optim/hybrid.py, apollo-torch), per
-# projected (m, n) weight: {"basis", "moments", "scalars"} bytes; their other weights use AdamW.
-MATRIX_STATE = {"muon": _muon_state, "adafactor": _adafactor_state,
-                "subtrack-adafactor": _tracked_adafactor_state,
-                "apollo": _apollo_state(None), "apollo-mini": _apollo_state(1)}
-NEEDS_RANK = LOW_RANK + ("subtrack-adafactor", "apollo")
 
 
 def activation_bytes(cfg: LlamaConfig, batch: int, seq: int, act_bytes: int, checkpointing: bool) -> dict[str, int]:
@@ -266,7 +228,7 @@ def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: in
              state_bits: int = 32, per_layer: bool = False, checkpointing: bool = False, batch: int = 1,
              seq: int = 256, dtype="bf16", activation_dtype=None, autocast: bool = False,
              basis_dtype="fp32", device: str = "cuda", shards: int = 1, proj_type: str | None = None,
-             **config_overrides) -> dict[str, int]:
+             accumulate: bool = False, momentum: float | None = None, **config_overrides) -> dict[str, int]:
     """Bytes of one training step of `size_or_cfg` (a name of models.SIZES or a LlamaConfig).
 
     optim_name: adamw | galore | fira | subtrack | subtrack++ (optim.factory.PRESETS);
@@ -278,6 +240,8 @@ def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: in
     optimizer's temporaries differ); shards: FSDP2 over that many processes, figures per process
     (module docstring); proj_type: the low-rank side rule (optim.grassmann.projection_side),
     default "std" on one process and "right" with shards > 1, the only one FSDP allows;
+    accumulate: optim.accumulate (the low-rank methods keep a gradient sum); momentum: optim.momentum
+    (adafactor's first moment, an m x n buffer per matrix; none by default, as torch's);
     config_overrides: LlamaConfig fields (e.g. vocab_size).
 
     Returns weights, gradients, state_basis, state_moments, state_scalars, state_adamw,
@@ -290,15 +254,15 @@ def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: in
         raise ValueError(f"unknown optimizer {optim_name!r}; choose one of {sorted(PRESETS)}")
     if optim_name == "adamw8bit":
         optim_name, state_bits = "adamw", 8  # the same optimizer (optim.factory)
-    if optim_name in NEEDS_RANK and (rank is None or rank < 1):
+    if "rank" in needed_keys(optim_name) and (rank is None or rank < 1):
         raise ValueError(f"optimizer {optim_name!r} projects gradients and needs a positive rank, got {rank!r}")
     check(STATE_BITS, state_bits)
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device {device!r} must be 'cuda' or 'cpu'")
     if not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards {shards!r} must be a positive number of processes")
-    if shards > 1 and per_layer:
-        raise ValueError("per-layer updates run on one process (optim/per_layer.py); use shards=1 or per_layer=False")
+    if per_layer:
+        check_per_layer_allowed(grad_accum_steps=1, world_size=shards, grad_clip=0.0)  # one process only
     proj_type = proj_type or ("right" if shards > 1 else "std")
     cfg = get_config(size_or_cfg, **config_overrides)
     wb = dtype_bytes(dtype)
@@ -312,10 +276,10 @@ def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: in
     kinds = {"basis": 0, "moments": 0, "scalars": 0, "adamw": 0}
     out["state_matrices"] = 0  # of the attention and MLP matrices (the projected weights) alone
     for w in whole:
-        for kind, nbytes in state_bytes(w, optim_name, rank, state_bits, wb, dtype_bytes(basis_dtype),
-                                        proj_type, shards).items():
-            kinds[kind] += nbytes
-            out["state_matrices"] += nbytes if w.projected else 0
+        for kind, size in state_bytes(w, optim_name, rank, state_bits, wb, dtype_bytes(basis_dtype),
+                                      proj_type, shards, accumulate, momentum).items():
+            kinds[kind] += size
+            out["state_matrices"] += size if w.projected else 0
     out.update({f"state_{kind}": nbytes for kind, nbytes in kinds.items()})
     out["optimizer_state"] = sum(kinds.values())
 
@@ -331,6 +295,16 @@ def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: in
     out["gathered_gradient"] = block if shards > 1 else 0  # one block's, until its reduce-scatter
     out["total"] = out["weights"] + out["gradients"] + out["optimizer_state"] + out["activations"]
 
+    out["peak"] = peak_bytes(out, act, weights, cfg, batch, seq, ab, wb, per_layer,
+                             functools.partial(weight_step_temporaries, optim_name=optim_name, state_bits=state_bits,
+                                               weight_bytes=wb, device=device))
+    return out
+
+
+def peak_bytes(out: dict, act: dict, weights: list, cfg: LlamaConfig, batch: int, seq: int, ab: int, wb: int,
+               per_layer: bool, temps) -> int:
+    """The step timeline's maximum from `estimate`'s parts: `out` (its figures so far), `act`
+    (activation_bytes), this process's `weights`; temps(w): one weight's step temporaries."""
     # The timeline's candidate maxima (module docstring): log_softmax's backward (log-probs,
     # their gradient and the logits' gradient alive), lm_head's backward (its weight gradient
     # beside the float32 logits' gradient and, for 2-byte activations, its cast), the
@@ -348,19 +322,14 @@ def estimate(size_or_cfg: str | LlamaConfig, optim_name: str = "adamw", rank: in
         # Each weight is stepped in its gradient hook, once the node that made the gradient
         # has freed its inputs: lm_head first (logits' gradient gone), the embedding last
         # (activations gone); block weights in between, beside at most one recompute.
-        def temps(w):
-            return weight_step_temporaries(w, optim_name, state_bits, wb, device)
-
         blocks_temps = max(temps(w) for w in weights if w.name.startswith("layers."))
         blocks_grad = wb * max(w.numel for w in weights if w.name.startswith("layers."))
         embed = by_name["embed_tokens.weight"]
-        out["peak"] = max(loss_backward,
-                          head_backward - logits_grad + temps(by_name["lm_head.weight"]),
-                          in_backward + act["blocks"] + act["recompute"] + blocks_grad + blocks_temps,
-                          static + wb * embed.numel + temps(embed))
-    else:
-        out["peak"] = max(loss_backward, head_backward, recompute, static + out["gradients"] + out["step_temporaries"])
-    return out
+        return max(loss_backward,
+                   head_backward - logits_grad + temps(by_name["lm_head.weight"]),
+                   in_backward + act["blocks"] + act["recompute"] + blocks_grad + blocks_temps,
+                   static + wb * embed.numel + temps(embed))
+    return max(loss_backward, head_backward, recompute, static + out["gradients"] + out["step_temporaries"])
 
 
 # ---------------------------------------------------------------------------------------------

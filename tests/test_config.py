@@ -246,6 +246,21 @@ def test_rank_larger_than_the_model_is_refused_at_config_time(tmp_path, override
     assert "set optim.rank <=" in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["subtrack-adafactor", "apollo"])
+def test_presets_that_need_only_a_rank_are_refused_at_config_time_as_the_factory_refuses(tmp_path, name):
+    from torch import nn
+
+    from optim.factory import OptimConfig, build_optimizer
+
+    with pytest.raises(ConfigError, match=rf"optim.rank is not set and model.size 'nano' .*optim.name '{name}'"):
+        load_config(write(tmp_path, BASE), ["model.size=nano", f"optim.name={name}"], world_size=1)
+    with pytest.raises(ValueError, match=rf"optim.rank is not set .*optim.name '{name}'"):
+        build_optimizer(nn.Linear(2, 2), OptimConfig(name=name))
+    cfg = load_config(write(tmp_path, BASE), ["model.size=nano", f"optim.name={name}", "optim.rank=8"], world_size=1)
+    assert cfg.optim.update_interval is None  # not needed: the optimizer's default (200)
+    load_config(write(tmp_path, BASE), ["model.size=nano", "optim.name=apollo-mini"], world_size=1)  # its own rank 1
+
+
 def test_activation_checkpointing_reaches_the_built_model_and_recomputes_blocks(tmp_path, monkeypatch):
     import torch
 

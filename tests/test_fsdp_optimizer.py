@@ -152,6 +152,24 @@ def test_a_normal_step_issues_one_all_reduce_and_an_update_step_three(runs):
         assert sum(counts.values()) == gathers == (projected if step % INTERVAL == 0 else 0), (step, counts)
 
 
+def test_row_local_projection_rule_for_the_config_and_for_one_weight():
+    from optim.sharding.fsdp import check_row_local_projection
+
+    check_row_local_projection("right")
+    check_row_local_projection("std", (176, 64))  # m >= n: std projects on the right
+    check_row_local_projection("reverse_std", (64, 176))
+    for args in (("std",), ("left",), ("std", (64, 176), "w"), ("left", (8, 8))):
+        with pytest.raises(ValueError) as e:
+            check_row_local_projection(*args)
+        message = str(e.value)
+        assert "\n" not in message and "by rows" in message and message.endswith(
+            "add --set optim.proj_type=right (or optim.proj_type: right in the config)")
+    with pytest.raises(ValueError, match=r"^optim.proj_type = 'std' under train.parallelism fsdp"):
+        check_row_local_projection("std")
+    with pytest.raises(ValueError, match=r"^w \(64, 176\) would be projected on the left with optim.proj_type 'std'"):
+        check_row_local_projection("std", (64, 176), "w")
+
+
 def test_a_left_projection_or_a_whole_weight_is_refused():
     from optim.sharding.fsdp import RowShardedSubTrack
 

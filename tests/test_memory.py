@@ -258,7 +258,7 @@ def test_fsdp_projected_weight_state_uses_the_right_side():
     # 8 bits decided by the whole moment (4096 x 1024), blocks packed within the 512 x 1024 shard
     fsdp8 = memory.state_bytes(w, "subtrack++", r, state_bits=8, weight_bytes=2, proj_type="right", shards=8)
     assert fsdp8["moments"] == 2 * quant8.packed_nbytes(512 * r)
-    with pytest.raises(ValueError, match="proj_type 'right'"):
+    with pytest.raises(ValueError, match="optim.proj_type=right"):
         memory.state_bytes(w, "subtrack++", r, 32, 2, proj_type="std", shards=8)
     # rows that do not divide: every process's (padded) shard has ceil(m / N) rows
     odd = memory.Weight("x", (10, 3), projected=False)
@@ -279,7 +279,7 @@ def test_fsdp_peak_includes_the_all_gathered_blocks():
 def test_estimate_refuses_bad_shards():
     with pytest.raises(ValueError, match="positive number of processes"):
         memory.estimate("nano", "adamw", shards=0)
-    with pytest.raises(ValueError, match="one process"):
+    with pytest.raises(ValueError, match="one rank only, got world size 2"):
         memory.estimate("nano", "adamw", shards=2, per_layer=True)
 
 
@@ -301,26 +301,46 @@ def test_bench_memory_shards_prints_per_process_and_refuses_zero(capsys):
         assert message.startswith("--") and "\n" not in message
 
 
-@pytest.mark.parametrize("name, options", [("muon", {}), ("adafactor", {}), ("adafactor", {"momentum": 0.9}),
-                                           ("subtrack-adafactor", {}), ("adamw8bit", {})])
-def test_peer_state_estimate_equals_the_bytes_the_optimizer_holds(name, options):
-    """pretrain.memory's formulas for the frontier's peers against their state after one step (nano, fp32)."""
-    from models import build_model
-    from optim import OptimConfig, build_optimizer
-    from pretrain.memory import estimate, state_tensor_bytes
+def _state_cases():
+    """(preset, optim: options) for every preset of optim/factory.py, and the options that change the state."""
+    from optim.factory import LOW_RANK, PRESETS
 
+    cases = [(name, {}) for name in PRESETS]
+    for name in LOW_RANK:  # the 8-bit moments on both sides (MIN_8BIT_NUMEL lowered below) and the gradient sum
+        cases += [(name, {"state_bits": 8}), (name, {"accumulate": True})]
+    cases += [("subtrack++", {"basis_dtype": "bfloat16"}), ("subtrack++", {"dtype": "bf16"}),
+              ("adamw", {"dtype": "bf16"}), ("adamw8bit", {"dtype": "bf16"}), ("adafactor", {"momentum": 0.9}),
+              ("subtrack++", {"state_bits": 8, "accumulate": True, "basis_dtype": "bfloat16", "proj_type": "left"})]
+    cases += [(name, {"proj_type": side}) for name in ("subtrack++", "subtrack-adafactor")
+              for side in ("left", "right", "reverse_std")]
+    return cases
+
+
+@pytest.mark.parametrize("name, options", _state_cases())
+def test_state_estimate_equals_the_bytes_the_optimizer_allocates(name, options, monkeypatch):
+    """pretrain.memory's optimizer state against the state of build_optimizer's optimizer after two steps (the
+    first basis, then a subspace update), nano: square q, k, v, o and 176 x 64 / 64 x 176 MLP weights, which
+    std projects on opposite sides."""
+    if name in ("apollo", "apollo-mini"):
+        pytest.importorskip("apollo_torch")
+    monkeypatch.setattr(quant8, "MIN_8BIT_NUMEL", 256)  # nano's rank-8 moments (512, 1408 elements) in 8 bits
+    options = dict(options)
+    dtype = options.pop("dtype", "fp32")
     torch.manual_seed(0)
-    model = build_model("nano", vocab_size=256)
-    opt = build_optimizer(model, OptimConfig(name=name, rank=8, update_interval=5, **options))
-    model(torch.randint(0, 256, (2, 16))).float().logsumexp(-1).mean().backward()
-    opt.step()
-    est = estimate("nano", name, rank=8, state_bits=8 if name == "adamw8bit" else 32, dtype="fp32", vocab_size=256)
-    if not options:  # the estimate models torch's defaults (no Adafactor momentum)
-        assert est["state_matrices"] == state_tensor_bytes(opt, matrices_only=True)
-        assert est["optimizer_state"] == state_tensor_bytes(opt)
-    else:
-        m_n = sum(p.numel() for n, p in model.named_parameters() if "layers." in n and p.ndim == 2)
-        assert state_tensor_bytes(opt, matrices_only=True) == est["state_matrices"] + 4 * m_n  # one m x n buffer more
+    model = build_model("nano", vocab_size=256).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    cfg = OptimConfig(name=name, rank=8, update_interval=1, **options)
+    opt = build_optimizer(model, cfg)
+    for _ in range(2):
+        model(torch.randint(0, 256, (2, 16))).float().logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    basis_dtype = "bf16" if cfg.basis_dtype == "bfloat16" else "fp32"
+    est = memory.estimate("nano", name, rank=8, state_bits=cfg.state_bits, dtype=dtype, basis_dtype=basis_dtype,
+                          proj_type=cfg.proj_type, accumulate=cfg.accumulate, momentum=cfg.momentum, vocab_size=256)
+    assert est["state_matrices"] == memory.state_tensor_bytes(opt, matrices_only=True)
+    assert est["optimizer_state"] == memory.state_tensor_bytes(opt)
+    if options.get("state_bits") == 8:  # 8-bit codes were really allocated, on the matrices too
+        assert any(s["exp_avg"].dtype == torch.uint8 and "basis" in s for s in opt.state.values())
 
 
 def test_bench_memory_frontier_lists_every_method_at_7b(capsys):

@@ -42,6 +42,24 @@ ROW_STATE = ("exp_avg", "exp_avg_sq", "grad_sum")  # state held as the weight's 
 SIGNED = {"exp_avg": True, "exp_avg_sq": False}  # the 8-bit map of each moment
 
 
+def check_row_local_projection(proj_type: str, shape: tuple[int, int] | None = None,
+                               name: str = "optim.proj_type") -> None:
+    """ValueError unless a weight of `shape` projects on the right under `proj_type` (shape None: every
+    weight, i.e. proj_type 'right'): FSDP2 shards weights by rows, and only a right-side basis keeps a
+    step row-local (module docstring). `name`: the option, or the weight when a shape is given."""
+    if shape is None:
+        if proj_type == "right":
+            return
+        what = f"{name} = {proj_type!r}"
+    elif gm.projection_side(tuple(shape), proj_type) == gm.RIGHT:
+        return
+    else:
+        what = f"{name} {tuple(shape)} would be projected on the left with optim.proj_type {proj_type!r}"
+    raise ValueError(f"{what} under train.parallelism fsdp: FSDP2 shards weights by rows, and only a right-side "
+                     "basis P (r x n) keeps the projection, the moments and recovery row-local; add --set "
+                     "optim.proj_type=right (or optim.proj_type: right in the config)")
+
+
 def _require_row_shards(p: torch.Tensor, name: str) -> None:
     if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
         how = tuple(p.placements) if isinstance(p, DTensor) else "a plain tensor"
@@ -56,10 +74,7 @@ class RowShardedSubTrack(SubTrackAdamW):
         super()._check_projected_group(group)
         names = group.get("names") or [f"parameter {i} of the group" for i in range(len(group["params"]))]
         for name, p in zip(names, group["params"]):
-            if gm.projection_side(tuple(p.shape), group["proj_type"]) != gm.RIGHT:
-                raise ValueError(f"{name} would be projected on the left (proj_type {group['proj_type']!r}); FSDP2 "
-                                 "shards weights by rows, and only a right-side basis P (r x n) keeps the projection, "
-                                 "the moments and recovery row-local: set optim.proj_type=right")
+            check_row_local_projection(group["proj_type"], tuple(p.shape), name)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> None:
         _require_row_shards(p, self._name_of(p, group))

@@ -27,6 +27,7 @@ class FSDP(Strategy):
     def validate(cls, cfg, world_size: int) -> None:
         """What FSDP2's row shards (Shard(0)) cannot run."""
         from optim.factory import MATRIX_PEERS, PRESETS
+        from optim.sharding.fsdp import check_row_local_projection
 
         super().validate(cfg, world_size)
         if cfg.optim.name in MATRIX_PEERS:
@@ -34,11 +35,11 @@ class FSDP(Strategy):
                               "needs each matrix whole (Muon orthogonalizes the whole momentum, Adafactor's column "
                               "statistics span every row), and FSDP2 keeps row shards; choose train.parallelism zero "
                               "(whole-matrix ownership) or replicate")
-        if PRESETS[cfg.optim.name] is not None and cfg.optim.proj_type != "right":
-            raise ConfigError(f"optim.proj_type = {cfg.optim.proj_type!r} under train.parallelism fsdp: FSDP2 shards "
-                              "weights by rows, and only a right-side basis P (r x n) keeps the projection, the "
-                              "moments and recovery row-local; add --set optim.proj_type=right (or optim.proj_type: "
-                              "right in the config)")
+        if PRESETS[cfg.optim.name] is not None:
+            try:
+                check_row_local_projection(cfg.optim.proj_type)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if cfg.train.replica_check_every:
             raise ConfigError("train.replica_check_every compares full weight replicas, but under train.parallelism "
                               "fsdp each rank holds its own shards; set train.replica_check_every=0")
