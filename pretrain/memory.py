@@ -83,7 +83,6 @@ from optim.factory import APOLLO, LOW_RANK, MATRIX_PEERS, PRESETS, is_projected,
 from optim.nbytes import tensor_bytes
 from optim.options import STATE_BITS, check
 from optim.per_layer import check_per_layer_allowed
-from optim.sharding.fsdp import check_row_local_projection
 from optim.state_layout import nbytes as layout_bytes
 
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
@@ -157,6 +156,8 @@ def state_bytes(w: Weight, optim_name: str, rank: int | None, state_bits: int, w
     if shards > 1 and w.projected and optim_name in MATRIX_STATE:
         raise ValueError(f"{optim_name} needs whole matrices; FSDP (shards > 1) refuses it")
     if shards > 1 and w.projected and optim_name in LOW_RANK:
+        from optim.sharding.fsdp import check_row_local_projection  # loads DTensor: only for FSDP's estimates
+
         check_row_local_projection(proj_type, w.shape, w.name)
     # a rank above a weight's shorter side is estimated at that side (the optimizer refuses it)
     group = {"rank": min(rank, *w.shape) if rank else rank, "state_bits": state_bits, "proj_type": proj_type,

@@ -183,6 +183,16 @@ def test_a_32_bit_run_prints_only_our_lines_and_imports_neither_bitsandbytes_nor
     assert result.stderr == ""
 
 
+def test_loading_a_config_does_not_import_dtensor():
+    """torch.distributed.tensor takes about a second to import; a config refusal (or --check) must not pay it
+    unless the run shards with FSDP2."""
+    probe = ("import sys; from pretrain.config import load_config; import pretrain.train; "
+             "load_config('configs/tiny_sample.yaml'); print('torch.distributed.tensor' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stdout + result.stderr
+
+
 class FailingLoader:
     """The real train loader, raising at its micro-batch `fail_at` (0-based), as a lost disk would."""
 

@@ -12,7 +12,6 @@ reshards them to any world size. FSDP2 needs a process group even with one proce
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from pretrain.config import ConfigError
 from pretrain.strategies.base import Strategy
@@ -68,6 +67,8 @@ class FSDP(Strategy):
     def step(self, max_norm: float) -> torch.Tensor:
         self.moved = True
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # over the sharded grads
+        from torch.distributed.tensor import DTensor  # here, not at import: it costs a second to load
+
         if isinstance(grad_norm, DTensor):  # the norm over the shards: the global one, on every rank
             grad_norm = grad_norm.full_tensor()
         with self.guard.gated(grad_norm, self.optimizer) as go:  # the same verdict on every rank
