@@ -24,7 +24,7 @@ from data.loader import build_train_loader as BUILD_TRAIN_LOADER  # the real one
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint
 from pretrain.config import load_config
 from tests.distributed import run_distributed, start_ranks
-from tests.nano import nano_yaml
+from tests.nano import nano_yaml, read_metrics
 
 NANO_SUBTRACK = nano_yaml(
     optim={"name": "subtrack++", "lr": 3.0e-3, "rank": 8, "update_interval": 5, "step_size": "auto", "max_angle": 0.3},
@@ -58,11 +58,6 @@ def write_config(tmp_path) -> str:
     path = tmp_path / "nano_subtrack.yaml"
     path.write_text(NANO_SUBTRACK)
     return str(path)
-
-
-def read_metrics(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def steps_logged(run_dir) -> int:

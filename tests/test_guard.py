@@ -13,8 +13,7 @@ from pretrain import train as train_module
 from pretrain.checkpoint import list_checkpoints, load_checkpoint
 from pretrain.config import ConfigError, load_config
 from pretrain.strategies import base
-from tests.nano import nano_config
-from tests.test_train import read_metrics, run_cli
+from tests.nano import nano_config, read_metrics, run_cli
 
 LOG_EVERY_3 = ["log.log_every=3", "train.max_steps=8", "train.eval_batches=1"]
 

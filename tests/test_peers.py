@@ -15,8 +15,7 @@ from optim.hybrid import HybridOptimizer
 from pretrain.checkpoint import load_checkpoint
 from pretrain.config import ConfigError, load_config
 from pretrain.train import train
-from tests.nano import nano_config
-from tests.test_train import assert_identical
+from tests.nano import assert_identical, nano_config
 
 VOCAB, SEQ, STEPS, LR = 256, 16, 6, 3e-3
 

@@ -6,8 +6,7 @@ from pretrain import __main__ as cli
 from pretrain.checkpoint import list_checkpoints
 from pretrain.config import load_config
 from pretrain.train import train
-from tests.nano import nano_config
-from tests.test_train import read_metrics
+from tests.nano import nano_config, read_metrics
 
 SHORT = ["train.max_steps=3", "train.eval_batches=1"]
 

@@ -1,5 +1,4 @@
 """The training loop end to end on the nano model and the bundled sample corpus (CPU, float32)."""
-import json
 import math
 import os
 import subprocess
@@ -12,43 +11,9 @@ from pretrain import __main__ as cli
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint
 from pretrain.config import load_config
 from pretrain.train import train
-from tests.nano import nano_config, nano_yaml
+from tests.nano import assert_identical, nano_config, nano_yaml, read_metrics, run_cli, train_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-def run_cli(*args, timeout=180):
-    """`python -m pretrain ARGS` in a fresh process (one thread: the test machine is shared)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "pretrain", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def read_metrics(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
-
-
-def assert_identical(a, b, where=""):
-    """Nested dicts/lists of tensors and plain values, equal bit for bit."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
 
 
 def test_resume_equals_uninterrupted(tmp_path):
