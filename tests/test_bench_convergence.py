@@ -2,6 +2,7 @@
 settings (nano model, a few steps). The table's best lr is the argmin of the runs' own final eval
 losses, the gap column is measured against the best AdamW, and every run leaves TensorBoard events."""
 import json
+import math
 import sys
 
 import pytest
@@ -75,6 +76,20 @@ def test_a_diverged_lr_is_never_the_best():
     runs = fake_runs(convergence.Method.parse("galore"), {(1e-2, 1.0): float("nan"), (5e-3, 1.0): 4.9,
                                                           (2e-3, 1.0): 5.1})
     assert convergence.best_runs(runs, runs[0].method)[0] == 5e-3
+
+
+def test_a_run_the_divergence_guard_stops_is_a_grid_point_ranked_last_not_a_failed_sweep(tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["--methods", "adamw", "--lrs", "1e-3,1e30", "--ratios", "1", "--time-steps", "0", "--size", "nano",
+            "--steps", "10", "--out", str(out), "--jobs", "2",
+            "--set", "train.warmup_steps=1", "train.eval_batches=1", "train.eval_every=5"]
+    assert convergence.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "adamw_lr1e+30_seed0: diverged at step" in printed
+    diverged = json.loads((out / "adamw_lr1e+30_seed0" / "summary.json").read_text())
+    assert diverged["stopped_by"] == "diverged" and math.isnan(diverged["final_eval_loss"])
+    [row] = json.loads((out / "results.json").read_text())
+    assert row["best_lr"] == 1e-3 and math.isfinite(row["final_eval_loss"])
 
 
 def test_plot_is_optional(monkeypatch, tmp_path):

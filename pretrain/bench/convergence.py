@@ -70,6 +70,7 @@ FRONTIER = ("adamw", "adamw8bit", "muon", "adafactor", "apollo", "apollo-mini", 
 # subtrack++ preset does, plus the published recovery at the full lr (subtrack++paper) and GaLore.
 ABLATION = ("galore", "tracking=subtrack", "tracking+rotation=subtrack,moments=rotate",
             "tracking+recovery=subtrack,residual=recover,scale_recovery=true", "subtrack++paper", "subtrack++")
+DIVERGED_EXIT = 3  # python -m pretrain's exit status when the divergence guard stops a run (summary written)
 PLOT_HINT = 'the plot needs matplotlib: pip install -c constraints.txt -e ".[bench]"'
 
 
@@ -196,11 +197,14 @@ def execute(args, run: Run, threads: int) -> Run:
            "--set", *overrides]
     with open(run.directory / "stdout.log", "w") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
+    diverged = done.returncode == DIVERGED_EXIT and summary_path.is_file()
+    if done.returncode != 0 and not diverged:
         tail = (run.directory / "stdout.log").read_text().strip().splitlines()[-1:]
         raise RuntimeError(f"run {run.name} failed (exit {done.returncode}): {' '.join(tail)}; "
                            f"log: {run.directory / 'stdout.log'}")
     run.summary = json.loads(summary_path.read_text())
+    if diverged:  # the guard stopped it: a point of the grid like any other, ranked last (its last eval is
+        run.summary["final_eval_loss"] = float("nan")  # from before the trouble, so it must not count)
     run.summary["bench_overrides"] = overrides
     summary_path.write_text(json.dumps(run.summary, indent=1))
     shutil.rmtree(run.directory / "checkpoints", ignore_errors=True)  # never resumed; ~3x the model's bytes
@@ -405,8 +409,11 @@ def run_all(pool, args, runs: list[Run], threads: int, total: list[int]) -> bool
             return False
         total[0] += 1
         s = run.summary
-        print(f"[{total[0]}/{total[1]}] {run.name}: final eval loss {s['final_eval_loss']:.4f} "
-              f"(best {min(v for _, v in s['evals']):.4f}) in {s['wall_time_s']:.0f} s", flush=True)
+        outcome = (f"diverged at step {s['step']}" if s.get("stopped_by") == "diverged"
+                   else f"final eval loss {s['final_eval_loss']:.4f}")
+        best = min((v for _, v in s["evals"]), default=math.nan)
+        print(f"[{total[0]}/{total[1]}] {run.name}: {outcome} (best {best:.4f}) in {s['wall_time_s']:.0f} s",
+              flush=True)
     return True
 
 
