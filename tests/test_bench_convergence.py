@@ -92,6 +92,20 @@ def test_a_run_the_divergence_guard_stops_is_a_grid_point_ranked_last_not_a_fail
     assert row["best_lr"] == 1e-3 and math.isfinite(row["final_eval_loss"])
 
 
+def test_reuse_keeps_a_finished_run_with_the_same_settings_even_from_a_moved_directory(tmp_path, monkeypatch):
+    args = convergence.parse_args(["--methods", "adamw", "--out", str(tmp_path), "--reuse"])
+    run = convergence.Run(convergence.Method.parse("adamw"), 1e-2, 0, tmp_path / "adamw_lr0.01_seed0")
+    overrides = convergence.run_overrides(args, run)
+    moved = [o if not o.startswith("log.run_dir=") else "log.run_dir=elsewhere/adamw_lr0.01_seed0" for o in overrides]
+    run.directory.mkdir()
+    (run.directory / "summary.json").write_text(json.dumps({"final_eval_loss": 4.5, "bench_overrides": moved}))
+    monkeypatch.setattr(convergence.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was run again"))
+    assert convergence.execute(args, run, threads=1).summary["final_eval_loss"] == 4.5
+    other = convergence.Run(run.method, 1e-2, 1, run.directory)  # another seed: not the same settings
+    with pytest.raises(pytest.fail.Exception, match="run again"):
+        convergence.execute(args, other, threads=1)
+
+
 def test_plot_is_optional(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert convergence.plot([], tmp_path / "curves.png", "t") is False

@@ -180,13 +180,21 @@ def run_overrides(args, run: Run) -> list[str]:
     return overrides + list(args.overrides)
 
 
+def same_settings(saved: list[str], overrides: list[str]) -> bool:
+    """A finished run's overrides equal these, wherever its directory was: a results directory may be moved or
+    merged into another one (log.run_dir is where the run was written, not how it trained)."""
+    def settings(values):
+        return [v for v in values if not v.startswith("log.run_dir=")]
+    return settings(saved) == settings(overrides)
+
+
 def execute(args, run: Run, threads: int) -> Run:
     """One training run in its own process; its summary is read back from JSON."""
     summary_path = run.directory / "summary.json"
     overrides = run_overrides(args, run)
     if args.reuse and summary_path.is_file():
         saved = json.loads(summary_path.read_text())
-        if saved.get("bench_overrides") == overrides:
+        if same_settings(saved.get("bench_overrides") or [], overrides):
             run.summary = saved
             return run
     if run.directory.exists():  # a stale run of the same name would add its records to this one's curves
