@@ -256,8 +256,9 @@ def state_layout(name: str, shape, dtype: torch.dtype, projected: bool, group: d
     from optim import subtrack, tracked_adafactor
 
     local = tuple(shape) if rows is None else (rows, *tuple(shape)[1:])
-    if projected and name in APOLLO:
-        return layouts.apollo(shape, APOLLO[name].get("rank", group["rank"]))
+    if name in APOLLO:
+        return layouts.apollo(shape, APOLLO[name].get("rank", group["rank"])) if projected else \
+            layouts.apollo_adamw(local, dtype)
     if projected and name in MATRIX_PEERS:  # optim/hybrid.py: torch's Muon / Adafactor, or ours
         if name == "muon":
             return layouts.torch_muon(shape, dtype)

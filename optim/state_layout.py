@@ -71,9 +71,16 @@ def torch_adafactor(shape, dtype: torch.dtype, momentum: float | None = None) ->
 
 
 def apollo(shape, rank: int) -> Layout:
-    """apollo-torch's APOLLOAdamW on a projected matrix, as this project has modelled it (apollo-torch is an
-    optional package, so this one is not compared with its allocation): a random projection (r, short
-    side), Adam moments (r, long side), a step count and a float32 scaling factor."""
+    """apollo-torch's APOLLOAdamW on a projected matrix: its random projection (r, short side), Adam moments
+    (r, long side) and a float32 scaling factor; its step count and seed are Python ints (no tensor bytes).
+    apollo-torch is optional: tests/test_memory.py compares this with its allocation where it is installed."""
     short, long = min(shape), max(shape)
     return {"projector": Slot((rank, short), torch.float32), "exp_avg": Slot((rank, long), torch.float32),
-            "exp_avg_sq": Slot((rank, long), torch.float32), "step": COUNTER, "scale": Slot((), torch.float32)}
+            "exp_avg_sq": Slot((rank, long), torch.float32), "scaled_grad": Slot((), torch.float32)}
+
+
+def apollo_adamw(shape, dtype: torch.dtype) -> Layout:
+    """apollo-torch's AdamW on the weights it does not project: zeros_like(p) moments; step and seed are
+    Python ints (no tensor bytes), unlike torch's AdamW."""
+    shape = tuple(shape)
+    return {"exp_avg": Slot(shape, dtype), "exp_avg_sq": Slot(shape, dtype)}
