@@ -1,7 +1,17 @@
 """Bytes held by tensors: the one count the optimizer, the memory model and the benchmarks share."""
 from __future__ import annotations
 
+import sys
+
 import torch
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of `t`: a DTensor's local tensor, else `t` itself. DTensor is looked up, not
+    imported: torch.distributed.tensor takes a second to load, and until something (FSDP2) has loaded it
+    no tensor is a DTensor."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return t.to_local() if module is not None and isinstance(t, module.DTensor) else t
 
 
 def tensor_bytes(obj, distinct_storages: bool = False) -> int:
@@ -12,16 +22,13 @@ def tensor_bytes(obj, distinct_storages: bool = False) -> int:
     memory holds: views and repeated tensors count once). A DTensor counts the part this
     process holds (its local tensor).
     """
-    from torch.distributed.tensor import DTensor
-
     storages: dict[int, int] = {}
     total = 0
     stack = [obj]
     while stack:
         item = stack.pop()
-        if isinstance(item, DTensor):
-            stack.append(item.to_local())
-        elif torch.is_tensor(item):
+        if torch.is_tensor(item):
+            item = local_part(item)
             if distinct_storages:
                 storage = item.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()

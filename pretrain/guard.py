@@ -40,10 +40,10 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-import sys
 
 import torch
 
+from optim.nbytes import local_part
 from pretrain import distributed
 from pretrain.checkpoint import list_checkpoints, step_of
 
@@ -209,15 +209,9 @@ class DivergenceGuard:
         tensors = [t for t in _tensors([model_state, state]) if t.is_floating_point()]
         bad = torch.zeros((), dtype=torch.float32, device=self.device)
         for t in tensors:
-            local = t.to_local() if _is_dtensor(t) else t  # this rank's shard
+            local = local_part(t)  # this rank's shard
             bad = bad + (~torch.isfinite(local)).any().to(bad.device, torch.float32)
         return float(distributed.all_reduce_sum(bad.reshape(1), self.world)) == 0
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    # torch.distributed.tensor takes a second to import: until something (FSDP2) has, no tensor is a DTensor
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
 
 
 def _tensors(obj):
