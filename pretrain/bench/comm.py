@@ -33,7 +33,6 @@ import time
 import typing
 
 
-
 class Setup(typing.NamedTuple):
     mode: str  # a strategy of pretrain/strategies/, or "ddp+sharded" (no strategy of the loop)
     optim: str
