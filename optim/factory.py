@@ -33,6 +33,7 @@ PRESETS: dict[str, dict | None] = {
     "muon": None,  # torch.optim.Muon on the matrices, AdamW elsewhere (optim/hybrid.py)
     "adafactor": None,  # torch.optim.Adafactor on the matrices, AdamW elsewhere (optim/hybrid.py)
     "subtrack-adafactor": None,  # ours: Adafactor with Grassmannian-tracked subspace momentum (optim/tracked_adafactor.py)
+    "subtrack-muon": None,  # ours: Muon with Grassmannian-tracked subspace momentum (optim/tracked_muon.py)
     "apollo": None,  # apollo-torch's APOLLOAdamW, when installed: the benchmark's peer (APOLLO below)
     "apollo-mini": None,
     "galore": {"subspace": "svd", "moments": "keep", "residual": "drop", "scale_recovery": False},
@@ -47,10 +48,10 @@ LOW_RANK = tuple(name for name, preset in PRESETS.items() if preset is not None)
 # Torch's own optimizer for the matrices, with the group keys each gets from the config.
 # Muon: `match_rms_adamw` scales its orthogonalized update to AdamW's RMS (0.2 sqrt(max(m, n))), so
 # one lr serves both groups, as Moonshot's "Muon is scalable" recipe does.
-MATRIX_PEERS = {"muon": {"nesterov": True, "adjust_lr_fn": "match_rms_adamw"}, "adafactor": {},
-                "subtrack-adafactor": {}}
-DEFAULT_MOMENTUM = {"muon": 0.95, "adafactor": None, "subtrack-adafactor": 0.9}  # null: these defaults
-TRACKED = ("subtrack-adafactor",)  # matrix optimizers that keep a basis: optim.rank and update_interval
+MUON_KEYS = {"nesterov": True, "adjust_lr_fn": "match_rms_adamw"}
+MATRIX_PEERS = {"muon": MUON_KEYS, "adafactor": {}, "subtrack-adafactor": {}, "subtrack-muon": MUON_KEYS}
+DEFAULT_MOMENTUM = {"muon": 0.95, "adafactor": None, "subtrack-adafactor": 0.9, "subtrack-muon": 0.95}  # null: these
+TRACKED = ("subtrack-adafactor", "subtrack-muon")  # matrix optimizers that keep a basis: optim.rank and update_interval
 # APOLLO through the apollo-torch package (the `bench` extra), with its README's settings: random
 # projection, channel-wise scaling at rank optim.rank (a quarter of hidden, as GaLore) and scale 1, or
 # APOLLO-Mini's tensor-wise scaling at rank 1 and scale 128. One process only: its state keeps
@@ -73,13 +74,14 @@ PROJECTED_NAME = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(g
 class OptimConfig:
     """The `optim` section of a run config.
 
-    name: adamw | adamw8bit | muon | adafactor | subtrack-adafactor | apollo | apollo-mini | galore | fira |
+    name: adamw | adamw8bit | muon | adafactor | subtrack-adafactor | subtrack-muon | apollo | apollo-mini |
+        galore | fira |
         subtrack | subtrack++ | subtrack++paper.
         adamw8bit is adamw with state_bits 8 (it sets state_bits).
     matrix_lr_ratio: the matrices' lr as a multiple of lr (every method; the low-rank presets' update
         is further multiplied by `scale`).
     momentum: muon's momentum (null: 0.95), adafactor's first moment (null: none, torch's default) or
-        subtrack-adafactor's subspace momentum (null: 0.9).
+        the subspace momentum of subtrack-adafactor (null: 0.9) and subtrack-muon (null: 0.95).
     rank / update_interval: None = not set; the run config fills them from the paper's value for
         the model size (models.PAPER_RANK), and a projected preset refuses to build without them.
     subspace / moments / residual: None takes the preset's choice; a value overrides it.
@@ -253,7 +255,7 @@ def state_layout(name: str, shape, dtype: torch.dtype, projected: bool, group: d
     group: the settings a layout reads: rank, state_bits, proj_type, basis_dtype, accumulate, momentum.
     rows: this process's rows of a weight sharded by rows (FSDP2; None: all)."""
     from optim import state_layout as layouts
-    from optim import subtrack, tracked_adafactor
+    from optim import subtrack, tracked_adafactor, tracked_muon
 
     local = tuple(shape) if rows is None else (rows, *tuple(shape)[1:])
     if name in APOLLO:
@@ -264,7 +266,8 @@ def state_layout(name: str, shape, dtype: torch.dtype, projected: bool, group: d
             return layouts.torch_muon(shape, dtype)
         if name == "adafactor":
             return layouts.torch_adafactor(shape, dtype, group.get("momentum"))
-        return tracked_adafactor.state_layout(shape, dtype, group)
+        tracked = tracked_muon if name == "subtrack-muon" else tracked_adafactor
+        return tracked.state_layout(shape, dtype, group)
     if name in LOW_RANK or group["state_bits"] == 8:  # SubTrackAdamW (plain AdamW on the other weights)
         keys = group if projected and name in LOW_RANK else {"state_bits": group["state_bits"]}
         return subtrack.state_layout(shape, dtype, keys, rows)

@@ -1,4 +1,4 @@
-"""Matrix optimizers beside AdamW: torch's Muon or Adafactor (or our TrackedAdafactor) on the attention
+"""Matrix optimizers beside AdamW: torch's Muon or Adafactor (or our TrackedAdafactor, TrackedMuon) on the attention
 and MLP matrices.
 
     opt = HybridOptimizer([
@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from optim.tracked_adafactor import TrackedAdafactor  # noqa: E402 - after torch, as the others
+from optim.tracked_adafactor import TrackedAdafactor
+from optim.tracked_muon import TrackedMuon
 
-# `subtrack-adafactor` is ours (optim/tracked_adafactor.py): Adafactor with tracked-subspace momentum.
-MATRIX_METHODS = {"muon": torch.optim.Muon, "adafactor": torch.optim.Adafactor, "subtrack-adafactor": TrackedAdafactor}
+# `subtrack-adafactor` and `subtrack-muon` are ours (optim/tracked_adafactor.py, optim/tracked_muon.py):
+# Adafactor and Muon with their momentum kept in a tracked subspace.
+MATRIX_METHODS = {"muon": torch.optim.Muon, "adafactor": torch.optim.Adafactor, "subtrack-adafactor": TrackedAdafactor,
+                  "subtrack-muon": TrackedMuon}
 PLAIN = "adamw"
 
 
@@ -54,7 +57,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         # Each inner optimizer fills its defaults into (and checks) the very dicts held here.
         self.by_method = {method: classes[method]([g for g in self.param_groups if _method(g) == method])
                       for method in dict.fromkeys(map(_method, self.param_groups))}
-        for inner in self.by_method.values():  # state an inner optimizer created up front (TrackedAdafactor's)
+        for inner in self.by_method.values():  # state an inner optimizer created up front (the tracked ones')
             self.state.update(inner.state)
         self._link()
 

@@ -246,7 +246,7 @@ def test_rank_larger_than_the_model_is_refused_at_config_time(tmp_path, override
     assert "set optim.rank <=" in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["subtrack-adafactor", "apollo"])
+@pytest.mark.parametrize("name", ["subtrack-adafactor", "subtrack-muon", "apollo"])
 def test_presets_that_need_only_a_rank_are_refused_at_config_time_as_the_factory_refuses(tmp_path, name):
     from torch import nn
 

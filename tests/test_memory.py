@@ -311,7 +311,7 @@ def _state_cases():
     cases += [("subtrack++", {"basis_dtype": "bfloat16"}), ("subtrack++", {"dtype": "bf16"}),
               ("adamw", {"dtype": "bf16"}), ("adamw8bit", {"dtype": "bf16"}), ("adafactor", {"momentum": 0.9}),
               ("subtrack++", {"state_bits": 8, "accumulate": True, "basis_dtype": "bfloat16", "proj_type": "left"})]
-    cases += [(name, {"proj_type": side}) for name in ("subtrack++", "subtrack-adafactor")
+    cases += [(name, {"proj_type": side}) for name in ("subtrack++", "subtrack-adafactor", "subtrack-muon")
               for side in ("left", "right", "reverse_std")]
     return cases
 

@@ -1,4 +1,5 @@
-"""The peers users compare SubTrack++ with: muon, adafactor, adamw8bit, and the matrices' own lr.
+"""The peers users compare SubTrack++ with: muon, adafactor, adamw8bit, and the matrices' own lr; and ours
+beside them, subtrack-adafactor and subtrack-muon.
 
 Each is checked against torch's (or bitsandbytes') optimizer stepped by hand on the same gradients,
 and trained through the loop with an exact resume; the 2-rank `zero` runs are in tests/test_sharded.py.
@@ -153,16 +154,18 @@ def test_momentum_of_a_method_without_one_and_8_bit_muon_are_refused():
         OptimConfig(name="muon", state_bits=8)
 
 
-@pytest.mark.parametrize("name", ["muon", "adafactor"])
+@pytest.mark.parametrize("name", ["muon", "adafactor", "subtrack-adafactor", "subtrack-muon"])
 def test_fsdp_refuses_the_whole_matrix_peers_in_one_line(tmp_path, name):
     with pytest.raises(ConfigError, match=f"optim.name '{name}' under train.parallelism fsdp.*zero"):
-        load_config(nano_config(tmp_path), [f"optim.name={name}", "train.parallelism=fsdp"], world_size=1)
+        load_config(nano_config(tmp_path), [f"optim.name={name}", "optim.rank=8", "train.parallelism=fsdp"],
+                    world_size=1)
 
 
 @pytest.mark.parametrize("overrides", [["optim.name=muon", "optim.matrix_lr_ratio=0.5"],
                                        ["optim.name=adafactor", "optim.momentum=0.9"],
                                        ["optim.name=adamw8bit"],
-                                       ["optim.name=subtrack-adafactor", "optim.rank=8", "optim.update_interval=3"]])
+                                       ["optim.name=subtrack-adafactor", "optim.rank=8", "optim.update_interval=3"],
+                                       ["optim.name=subtrack-muon", "optim.rank=8", "optim.update_interval=3"]])
 def test_peer_resume_equals_uninterrupted(tmp_path, overrides):
     config = nano_config(tmp_path)
     run = [*overrides, "train.max_steps=8"]
@@ -264,3 +267,86 @@ def test_subtrack_adafactor_keeps_less_state_than_subtrack_plus_plus():
             expected += 4 * (8 * max(m, k) + low * 8 + m + k) + 8 + 8 + 4  # basis, momentum, factors, scalars
     assert sizes["subtrack-adafactor"] == expected
     assert sizes["subtrack-adafactor"] < sizes["subtrack++"]
+
+
+# ----------------------------------------------------------------------------- subtrack-muon
+
+def test_subtrack_muon_at_full_rank_is_torch_muon_stepped_by_hand():
+    """rank = min(m, n) for every nano matrix: the tracked subspace is the whole space, so the
+    subspace momentum is Muon's buffer and the step is torch's Muon's. No geodesic step falls in the
+    run: at full rank the residual G - S S^T G is rounding noise, so the tracking's direction is
+    arbitrary (tests/test_grassmann.py covers the geodesic step at rank < min(m, n))."""
+    model = nano_model()
+    reference = copy.deepcopy(model)
+    ours = build_optimizer(model, OptimConfig(name="subtrack-muon", lr=LR, matrix_lr_ratio=0.5, rank=64,
+                                              update_interval=100, weight_decay=0.01))
+    plain, matrices = split(reference)
+    assert all(min(p.shape) == 64 for p in matrices)
+    by_hand = [torch.optim.Muon(matrices, lr=LR * 0.5, weight_decay=0.01, momentum=0.95, nesterov=True,
+                                adjust_lr_fn="match_rms_adamw"),
+               torch.optim.AdamW(plain, lr=LR, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)]
+    step_both(ours, model, by_hand, reference)
+    # Both orthogonalize in bfloat16 (torch's Newton-Schulz); G~ = S S^T (Nesterov) differs from Muon's
+    # buffer by float32 rounding, which can flip a bfloat16 rounding inside the iteration: the weights
+    # agree to a tenth of one step's size (lr x 0.2 sqrt(128) = 2.5e-3 a step on the 64 x 128 weights).
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=3e-4, msg=name)
+
+
+def reference_tracked_muon(W, grads, rank, beta, lr, gap):
+    """optim/tracked_muon.py's formulas, written out for a wide W (left basis S: (m, r))."""
+    import math
+
+    from torch.optim import _muon
+
+    from optim import grassmann as gm
+
+    m, n = W.shape
+    M, S = torch.zeros(rank, n), None
+    for t, G in enumerate(grads, 1):
+        if t == 1:
+            S = gm.initial_basis(G, rank, gm.LEFT)
+        elif (t - 1) % gap == 0:
+            S_new, _ = gm.grassmann_update(S, G, gm.LEFT, "auto")
+            M = (S_new.t() @ S) @ M
+            S = S_new
+        R = S.t() @ G
+        M = beta * M + (1 - beta) * R
+        G_tilde = S @ (R + beta * (M - R)) + (G - S @ R)
+        U = _muon._zeropower_via_newtonschulz(G_tilde, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+        W = W - lr * 0.2 * math.sqrt(max(m, n)) * U.float()
+    return W
+
+
+def test_subtrack_muon_keeps_momentum_in_the_tracked_subspace_only():
+    from optim.tracked_muon import TrackedMuon
+
+    torch.manual_seed(1)
+    W = torch.nn.Parameter(torch.randn(6, 10) * 0.1)
+    grads = [torch.randn(6, 10) for _ in range(7)]
+    opt = TrackedMuon([{"params": [W], "rank": 2, "update_proj_gap": 3, "lr": 0.01}])
+    start = W.detach().clone()
+    for G in grads:
+        W.grad = G.clone()
+        opt.step()
+    expected = reference_tracked_muon(start, grads, rank=2, beta=0.95, lr=0.01, gap=3)
+    torch.testing.assert_close(W.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert int(opt.state[W]["subspace_updates"]) == 3
+    assert set(opt.state[W]) == {"step", "basis", "exp_avg", "subspace_updates", "angle"}  # no m x n buffer
+
+
+def test_subtrack_muon_keeps_less_state_than_subtrack_adafactor_and_muon():
+    """r n + m r numbers per matrix: SubTrack-Adafactor's less its m + n factors; Muon keeps m n."""
+    from pretrain.memory import state_tensor_bytes
+
+    sizes = {}
+    for name in ("subtrack-muon", "subtrack-adafactor", "muon"):
+        model = nano_model()
+        opt = build_optimizer(model, OptimConfig(name=name, lr=LR, rank=8, update_interval=5))
+        backward(model, 0)
+        opt.step()  # torch's Muon allocates its buffer at the first step
+        sizes[name] = state_tensor_bytes(opt, matrices_only=True)
+    expected = sum(4 * (8 * max(p.shape) + min(p.shape) * 8) + 8 + 8 + 4
+                   for n, p in nano_model().named_parameters() if is_projected(n, p))
+    assert sizes["subtrack-muon"] == expected
+    assert sizes["subtrack-muon"] < sizes["subtrack-adafactor"] < sizes["muon"]

@@ -32,6 +32,7 @@ CONFIGS = {
     "muon": dict(name="muon", lr=3e-3, weight_decay=0.1, matrix_lr_ratio=0.5),
     "adafactor": dict(name="adafactor", lr=3e-3, momentum=0.9),
     "subtrack-adafactor": dict(name="subtrack-adafactor", lr=3e-3, rank=8, update_interval=GAP),
+    "subtrack-muon": dict(name="subtrack-muon", lr=3e-3, weight_decay=0.1, rank=8, update_interval=GAP),
 }
 # float32. The reference accumulates the two micro-batches the ranks take, so its averaged
 # gradients match the reduced ones; only the clipping norm is summed in another order.

@@ -61,13 +61,14 @@ GRIDS: dict[str, Grid] = {
     "muon": Grid((2e-2, 4e-2, 8e-2), (0.0625, 0.125, 0.25)),
     "adafactor": Grid((2e-2, 4e-2, 8e-2), (1.0, 2.0, 4.0)),
     "subtrack-adafactor": Grid((2e-2, 4e-2, 8e-2), (1.0, 2.0, 4.0)),
+    "subtrack-muon": Grid((2e-2, 4e-2, 8e-2), (0.0625, 0.125, 0.25)),  # Muon's
     "apollo": Grid((1e-2, 2e-2, 4e-2), (0.125, 0.25, 0.5)),
     "apollo-mini": Grid((1e-2, 2e-2, 4e-2), (0.125, 0.25, 0.5)),
 }
 DEFAULT_GRID = _LOW_RANK_GRID  # galore, fira, subtrack, subtrack++, subtrack++paper, ...
 # The optimizers a user compares with (README, "Which optimizer when"), and ours beside them.
 FRONTIER = ("adamw", "adamw8bit", "muon", "adafactor", "apollo", "apollo-mini", "galore", "fira", "subtrack++",
-            "subtrack-adafactor")
+            "subtrack-adafactor", "subtrack-muon")
 # The paper's ablation (tracking alone, + rotation, + recovery, both) with recovery scaled as our
 # subtrack++ preset does, plus the published recovery at the full lr (subtrack++paper) and GaLore.
 ABLATION = ("galore", "tracking=subtrack", "tracking+rotation=subtrack,moments=rotate",

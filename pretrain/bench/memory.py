@@ -168,6 +168,7 @@ FRONTIER_ROWS = [  # (label, optimizer, state_bits): the methods of `pretrain.be
     ("Adafactor", "adafactor", 32), ("APOLLO", "apollo", 32), ("APOLLO-Mini", "apollo-mini", 32),
     ("GaLore", "galore", 32), ("Fira", "fira", 32), ("SubTrack++", "subtrack++", 32),
     ("SubTrack++ 8-bit", "subtrack++", 8), ("subtrack-adafactor", "subtrack-adafactor", 32),
+    ("subtrack-muon", "subtrack-muon", 32),
 ]
 
 

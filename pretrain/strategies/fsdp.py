@@ -30,8 +30,8 @@ class FSDP(Strategy):
 
         super().validate(cfg, world_size)
         if cfg.optim.name in MATRIX_PEERS:
-            raise ConfigError(f"optim.name {cfg.optim.name!r} under train.parallelism fsdp: torch's {cfg.optim.name} "
-                              "needs each matrix whole (Muon orthogonalizes the whole momentum, Adafactor's column "
+            raise ConfigError(f"optim.name {cfg.optim.name!r} under train.parallelism fsdp: {cfg.optim.name} "
+                              "needs each matrix whole (Muon orthogonalizes the whole update, Adafactor's column "
                               "statistics span every row), and FSDP2 keeps row shards; choose train.parallelism zero "
                               "(whole-matrix ownership) or replicate")
         if PRESETS[cfg.optim.name] is not None:
