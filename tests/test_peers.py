@@ -208,23 +208,28 @@ def test_subtrack_adafactor_without_momentum_is_torch_adafactor():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def reference_tracked_adafactor(W, grads, rank, beta1, lr, gap):
-    """The docstring's formulas, written out for a wide W (left basis S: (m, r)), the geodesic step aside."""
+def tracked_left_basis(S, M, G, t, rank, gap):
+    """optim/tracked.py's basis for a wide W (left S: (m, r)) at step t, the geodesic step aside: the
+    SVD at t = 1, a geodesic step every `gap` steps with the momentum M rotated into the new basis."""
     from optim import grassmann as gm
 
+    if t == 1:
+        return gm.initial_basis(G, rank, gm.LEFT), M
+    if (t - 1) % gap == 0:
+        S_new, _ = gm.grassmann_update(S, G, gm.LEFT, "auto")
+        return S_new, (S_new.t() @ S) @ M
+    return S, M
+
+
+def reference_tracked_adafactor(W, grads, rank, beta1, lr, gap):
+    """The docstring's formulas, written out for a wide W."""
     m, n = W.shape
     row, col = torch.zeros(m, 1), torch.zeros(1, n)
-    M = torch.zeros(rank, n)
-    S = None
+    M, S = torch.zeros(rank, n), None
     for t, G in enumerate(grads, 1):
         row.lerp_((G * G).mean(1, keepdim=True), t ** -0.8)
         col.lerp_((G * G).mean(0, keepdim=True), t ** -0.8)
-        if t == 1:
-            S = gm.initial_basis(G, rank, gm.LEFT)
-        elif (t - 1) % gap == 0:
-            S_new, _ = gm.grassmann_update(S, G, gm.LEFT, "auto")
-            M = (S_new.t() @ S) @ M
-            S = S_new
+        S, M = tracked_left_basis(S, M, G, t, rank, gap)
         R = S.t() @ G
         M = beta1 * M + (1 - beta1) * R
         G_tilde = S @ (M / (1 - beta1 ** t)) + (G - S @ R)
@@ -294,22 +299,15 @@ def test_subtrack_muon_at_full_rank_is_torch_muon_stepped_by_hand():
 
 
 def reference_tracked_muon(W, grads, rank, beta, lr, gap):
-    """optim/tracked_muon.py's formulas, written out for a wide W (left basis S: (m, r))."""
+    """optim/tracked_muon.py's formulas, written out for a wide W."""
     import math
 
     from torch.optim import _muon
 
-    from optim import grassmann as gm
-
     m, n = W.shape
     M, S = torch.zeros(rank, n), None
     for t, G in enumerate(grads, 1):
-        if t == 1:
-            S = gm.initial_basis(G, rank, gm.LEFT)
-        elif (t - 1) % gap == 0:
-            S_new, _ = gm.grassmann_update(S, G, gm.LEFT, "auto")
-            M = (S_new.t() @ S) @ M
-            S = S_new
+        S, M = tracked_left_basis(S, M, G, t, rank, gap)
         R = S.t() @ G
         M = beta * M + (1 - beta) * R
         G_tilde = S @ (R + beta * (M - R)) + (G - S @ R)
