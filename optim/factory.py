@@ -50,7 +50,8 @@ LOW_RANK = tuple(name for name, preset in PRESETS.items() if preset is not None)
 # one lr serves both groups, as Moonshot's "Muon is scalable" recipe does.
 MUON_KEYS = {"nesterov": True, "adjust_lr_fn": "match_rms_adamw"}
 MATRIX_PEERS = {"muon": MUON_KEYS, "adafactor": {}, "subtrack-adafactor": {}, "subtrack-muon": MUON_KEYS}
-DEFAULT_MOMENTUM = {"muon": 0.95, "adafactor": None, "subtrack-adafactor": 0.9, "subtrack-muon": 0.95}  # null: these
+# optim.momentum when null (None: Adafactor's default, no first moment).
+DEFAULT_MOMENTUM = {"muon": 0.95, "adafactor": None, "subtrack-adafactor": 0.9, "subtrack-muon": 0.95}
 TRACKED = ("subtrack-adafactor", "subtrack-muon")  # matrix optimizers that keep a basis: optim.rank and update_interval
 # APOLLO through the apollo-torch package (the `bench` extra), with its README's settings: random
 # projection, channel-wise scaling at rank optim.rank (a quarter of hidden, as GaLore) and scale 1, or
@@ -255,19 +256,19 @@ def state_layout(name: str, shape, dtype: torch.dtype, projected: bool, group: d
     group: the settings a layout reads: rank, state_bits, proj_type, basis_dtype, accumulate, momentum.
     rows: this process's rows of a weight sharded by rows (FSDP2; None: all)."""
     from optim import state_layout as layouts
-    from optim import subtrack, tracked_adafactor, tracked_muon
+    from optim import subtrack
+    from optim.hybrid import MATRIX_METHODS
 
     local = tuple(shape) if rows is None else (rows, *tuple(shape)[1:])
     if name in APOLLO:
         return layouts.apollo(shape, APOLLO[name].get("rank", group["rank"])) if projected else \
             layouts.apollo_adamw(local, dtype)
     if projected and name in MATRIX_PEERS:  # optim/hybrid.py: torch's Muon / Adafactor, or ours
+        if name in TRACKED:  # ours allocate from the layout they declare
+            return MATRIX_METHODS[name].state_layout(shape, dtype, group)
         if name == "muon":
             return layouts.torch_muon(shape, dtype)
-        if name == "adafactor":
-            return layouts.torch_adafactor(shape, dtype, group.get("momentum"))
-        tracked = tracked_muon if name == "subtrack-muon" else tracked_adafactor
-        return tracked.state_layout(shape, dtype, group)
+        return layouts.torch_adafactor(shape, dtype, group.get("momentum"))
     if name in LOW_RANK or group["state_bits"] == 8:  # SubTrackAdamW (plain AdamW on the other weights)
         keys = group if projected and name in LOW_RANK else {"state_bits": group["state_bits"]}
         return subtrack.state_layout(shape, dtype, keys, rows)

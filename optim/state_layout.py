@@ -1,8 +1,8 @@
 """Optimizer state of one weight, declared once: {key: Slot(shape, dtype, fill)}.
 
 Our optimizers allocate their state from their declaration (`allocate`): SubTrackAdamW
-(optim.subtrack.state_layout, with optim.quant8.moment_layout for 8-bit moments) and TrackedAdafactor
-(optim.tracked_adafactor.state_layout). pretrain/memory.py counts the bytes of the same declarations
+(optim.subtrack.state_layout, with optim.quant8.moment_layout for 8-bit moments), TrackedAdafactor
+(optim.tracked_adafactor.state_layout) and TrackedMuon (optim.tracked.tracked_layout). pretrain/memory.py counts the bytes of the same declarations
 (`nbytes`, through optim.factory.state_layout), so the estimate cannot drift from what is allocated.
 torch's AdamW, Muon and Adafactor allocate their own state: the declarations below restate what they
 allocate, and tests/test_memory.py compares them with their state after a step.

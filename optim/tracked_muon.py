@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 from torch.optim import _muon  # torch's Newton-Schulz iteration and lr rule, reused rather than restated
 
-from optim.state_layout import Layout
 from optim.tracked import TrackedSubspaceOptimizer, tracked_layout
 
 DEFAULTS = {"lr": 1e-3, "momentum": 0.95, "nesterov": True, "update_proj_gap": 200, "proj_type": "std",
@@ -30,17 +29,12 @@ DEFAULTS = {"lr": 1e-3, "momentum": 0.95, "nesterov": True, "update_proj_gap": 2
 NS_COEFFICIENTS = (_muon.DEFAULT_A, _muon.DEFAULT_B, _muon.DEFAULT_C)
 
 
-def state_layout(shape, dtype: torch.dtype, group: dict) -> Layout:
-    """TrackedMuon's state of an (m, n) weight: the basis and the subspace momentum (optim/tracked.py)."""
-    return tracked_layout(shape, dtype, group)
-
-
 class TrackedMuon(TrackedSubspaceOptimizer):
     """Muon on 2-D weights with tracked-subspace momentum (module docstring). Needs `rank`."""
 
     DEFAULTS = DEFAULTS
     NAME = "TrackedMuon"
-    state_layout = staticmethod(state_layout)
+    state_layout = staticmethod(tracked_layout)  # the basis and the subspace momentum, nothing more
 
     def smoothed_projection(self, state: dict, group: dict, R: torch.Tensor, t: int) -> torch.Tensor:
         return R.lerp(state["exp_avg"], group["momentum"]) if group["nesterov"] else state["exp_avg"]
